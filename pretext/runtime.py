@@ -61,6 +61,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         inner = args[0] if args else str
         out = [_convert(v, inner, key) for v in value]
         return tuple(out) if origin is tuple else out
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -103,6 +109,15 @@ def _fields(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _is_dict_type(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _has_defaults(cls) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
 def _unknown_key(key: str, cls) -> UserError:
     names = list(_fields(cls))
     close = difflib.get_close_matches(key, names, n=1)
@@ -138,15 +153,31 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: Iterable[
             raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise UserError(f"{p}: a config must be a flat mapping of key: value")
+        fields = _fields(cls)
         for k, v in loaded.items():
-            if isinstance(v, dict):
+            if isinstance(v, dict) and k in fields and not _is_dict_type(fields[k]):
                 raise UserError(f"{p}: config key '{k}' is nested; configs are flat (key: value)")
         values.update(loaded)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set expects key=value, got '{item}'")
         k, v = item.split("=", 1)
-        values[k.strip()] = v
+        k = k.strip()
+        if "." in k:  # --set model_kwargs.fc_dim=64 sets one entry of a mapping-typed key
+            head, sub = k.split(".", 1)
+            fields = _fields(cls)
+            if head not in fields:
+                raise _unknown_key(head, cls)
+            if not _is_dict_type(fields[head]):
+                raise UserError(f"--set {k}: '{head}' is not a mapping")
+            base = values.get(head)
+            if base is None:
+                base = getattr(cls(), head, None) if _has_defaults(cls) else None
+            merged = dict(base or {})
+            merged[sub] = yaml.safe_load(v)
+            values[head] = merged
+        else:
+            values[k] = v
     try:
         return build_config(cls, values)
     except UserError as e:
@@ -155,6 +186,11 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: Iterable[
 
 def config_to_dict(cfg) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Config for an entry point from ``--config`` and ``--set`` (see :func:`add_config_args`)."""
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", []) or [])
 
 
 def save_config(cfg, run_dir: str | os.PathLike) -> Path:

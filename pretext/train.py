@@ -1,0 +1,531 @@
+"""Pretrain a backbone by colorization (Zhang et al. 2016; Larsson et al. 2016).
+
+    python -m pretext.train --config configs/pretext/zhang_vgg_rebal_in1k_176px.yaml [--set key=value ...]
+    torchrun --nproc_per_node=8 -m pretext.train --config ... [--resume]
+
+The network sees L only; Lab conversion and soft-encoding run on the training device, batched. Checkpoints are
+written atomically every ``checkpoint_every`` steps and ``--resume`` continues exactly (same weights as an
+uninterrupted run): data order and augmentation are functions of (seed, epoch, position), and every RNG is saved.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import models
+from .color import AB_SCALE, lab_to_rgb, rgb_to_lab
+from .data import ImageDataset, eval_transform, list_images, train_transform
+from .encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
+from .losses import l2_ab_loss, multinomial_cross_entropy
+from .predict import decode_ab
+from .runtime import (DistInfo, JsonlLogger, UserError, add_config_args, all_reduce_sum, autocast_dtype, barrier,
+                      cleanup_distributed, config_from_args, get_rng_state, init_distributed, load_checkpoint, log,
+                      save_checkpoint, save_config, seed_everything, set_rng_state, setup_logging)
+
+FORMAT = "crosschannel/pretext-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretextConfig:
+    # data
+    data: list[str] = dataclasses.field(default_factory=list)  #: folders / list files / globs of training images
+    val_data: list[str] = dataclasses.field(default_factory=list)  #: held-out images for the sample grids
+    size: int = 176  #: training crop (paper: 176 for VGG, 180 for AlexNet)
+    crop: str = "rrc"  #: rrc (RandomResizedCrop) | resize_crop (resize then random crop, as the paper)
+    crop_scale_min: float = 0.25
+    workers: int = 4
+    max_images: int = 0  #: use at most this many training images (0: all)
+    # model and target
+    model: str = "zhang_vgg"  #: zhang_vgg | alexnet_cc | vgg16_hypercolumn | timm:<name>
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    loss: str = "rebal"  #: rebal (classification, class-rebalanced) | ce (no rebalancing) | l2 (regression) | hue_chroma
+    prior: str = ""  #: prior.npz from `crosschannel prior` (needed for rebal)
+    lam: float = 0.5  #: rebalancing: weight of the uniform distribution
+    rebalance_mode: str = "paper"  #: paper | reference
+    k: int = 5  #: soft-encoding neighbours (paper 5, reference code 10)
+    sigma: float = 5.0
+    points_per_image: int = 0  #: >0: train on P random pixels per image (Larsson's sparse hypercolumns)
+    temperature: float = 0.38  #: annealed mean for logged predictions
+    # optimisation (paper: Adam 0.9/0.99, wd 1e-3, lr 3e-5 -> 1e-5 at 200k -> 3e-6 at 375k, 450k steps, batch 40)
+    optimizer: str = "adam"  #: adam | adamw | sgd
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.99)
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    lr_steps: list[int] = dataclasses.field(default_factory=lambda: [200_000, 375_000])
+    lr_gamma: float = 1 / 3
+    warmup_steps: int = 0
+    batch_size: int = 40  #: per process; global batch = batch_size * world_size * accum_steps
+    accum_steps: int = 1
+    max_steps: int = 450_000
+    time_limit_min: float = 0.0  #: stop (with a checkpoint) after this many minutes (0: no limit)
+    grad_clip: float = 0.0
+    amp: str = "auto"  #: auto | bf16 | fp16 | none (CUDA only)
+    channels_last: bool = True  #: CUDA only
+    sync_bn: bool = False  #: SyncBatchNorm under DDP (CUDA only)
+    # bookkeeping
+    out_dir: str = "runs/pretext"
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    image_every: int = 1000
+    num_grid_images: int = 8
+    tensorboard: bool = True
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------- data
+class ShardedSampler(torch.utils.data.Sampler):
+    """Deterministic, resumable sampler for (distributed) training.
+
+    Epoch ``e`` permutes the dataset with ``seed + e``; global batch ``i`` is permutation[G*i : G*(i+1)] with
+    G = batch * world_size, and rank r takes its r-th slice. So the union of the ranks' batches is exactly the
+    batch a single process with batch G would draw. Yields ``(index, sample_seed)``: augmentation is seeded per
+    sample, so a resumed run sees the same crops as an uninterrupted one. ``start`` skips batches on resume.
+    """
+
+    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start) * self.batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        G = self.batch * self.world
+        for i in range(self.start, self.batches_per_epoch):
+            lo = G * i + self.rank * self.batch
+            for j in range(lo, lo + self.batch):
+                yield perm[j], (self.seed * 7_919 + self.epoch * 1_000_003 + j) % (2**63 - 1)
+
+
+class SeededImages(ImageDataset):
+    """``ImageDataset`` whose random augmentation is seeded by the sampler's per-sample seed."""
+
+    def __getitem__(self, item):
+        i, sample_seed = item
+        torch.manual_seed(sample_seed)
+        return super().__getitem__(i)
+
+
+def get_dataset(cfg: PretextConfig) -> SeededImages:
+    if not cfg.data:
+        raise UserError("no training data: set 'data' in the config or --set data=/path/to/images")
+    paths = list_images(cfg.data)
+    if cfg.max_images:
+        paths = paths[: cfg.max_images]
+    if not paths:
+        raise UserError(f"no images found in {', '.join(cfg.data)}")
+    tf = train_transform(cfg.size, cfg.crop, cfg.crop_scale_min)
+    return SeededImages(paths, tf, placeholder_shape=(3, cfg.size, cfg.size))
+
+
+def grid_batch(cfg: PretextConfig, n: int) -> Optional[torch.Tensor]:
+    """A fixed batch of held-out (or first training) images for the sample grids."""
+    try:
+        paths = list_images(cfg.val_data or cfg.data)[:n]
+    except UserError:
+        return None
+    ds = ImageDataset(paths, eval_transform(cfg.size, cfg.size), (3, cfg.size, cfg.size))
+    imgs = [ds[i] for i in range(len(ds))]
+    imgs = [x for x, ok, grey in imgs if ok]
+    return torch.stack(imgs) if imgs else None
+
+
+# --------------------------------------------------------------------------------------------- model + target
+class Objective:
+    """Everything between an RGB batch and the loss: L input, targets at the output resolution, the loss."""
+
+    def __init__(self, cfg: PretextConfig, device: torch.device, prior: Optional[dict]):
+        self.cfg, self.device = cfg, device
+        if cfg.loss not in ("rebal", "ce", "l2", "hue_chroma"):
+            raise UserError(f"loss must be rebal, ce, l2 or hue_chroma; got '{cfg.loss}'")
+        self.target = {"rebal": "ab313", "ce": "ab313", "l2": "l2", "hue_chroma": "hue_chroma"}[cfg.loss]
+        self.bins = (prior["bins"] if prior is not None else load_bins()).to(device)
+        self.prior = prior["probs"].float().to(device) if prior is not None else None
+        self.class_weights = None
+        if cfg.loss == "rebal":
+            if prior is None:
+                raise UserError("loss 'rebal' needs a prior: run `crosschannel prior DATA -o prior.npz` and set prior=prior.npz")
+            self.class_weights = rebalance_weights(prior["probs"], cfg.lam, cfg.rebalance_mode).to(device)
+        self.encoder = SoftEncoder(self.bins, k=cfg.k, sigma=cfg.sigma).to(device) if self.target == "ab313" else None
+
+    @property
+    def out_dim(self) -> int:
+        if self.target == "ab313":
+            return self.bins.shape[0]
+        if self.target == "l2":
+            return 2
+        from .hue_chroma import N_CHROMA, N_HUE
+
+        return N_HUE + N_CHROMA
+
+    def model_kwargs(self) -> dict:
+        kw = dict(self.cfg.model_kwargs)
+        kw.setdefault("out_dim", self.out_dim)
+        if self.target == "hue_chroma" and self.cfg.model == "vgg16_hypercolumn":
+            kw.setdefault("head", "hue_chroma")
+        return kw
+
+    def __call__(self, model, rgb: torch.Tensor, valid: torch.Tensor, points_gen: torch.Generator | None):
+        """Returns (loss, out, ab_target_at_output, mask)."""
+        lab = rgb_to_lab(rgb)
+        L, ab = lab[:, :1], lab[:, 1:]
+        P = self.cfg.points_per_image
+        if P > 0 and getattr(_unwrap(model), "supports_points", False):
+            pts = torch.rand(rgb.shape[0], P, 2, generator=points_gen, device="cpu").to(rgb.device) * 2 - 1
+            out = model(L, points=pts)  # (B, C, P, 1)
+            ab_t = F.grid_sample(ab, pts.unsqueeze(2), mode="nearest", align_corners=False)  # (B, 2, P, 1)
+        else:
+            out = model(L)
+            ab_t = resize_ab(ab, tuple(out.shape[-2:]))
+        out = out.float()
+        if self.target == "ab313":
+            idx, w = self.encoder(ab_t)
+            loss = multinomial_cross_entropy(out, idx, w, self.class_weights, mask=valid)
+        elif self.target == "l2":
+            loss = l2_ab_loss(out, ab_t, mask=valid)
+        else:
+            from .hue_chroma import hue_chroma_loss
+
+            loss = hue_chroma_loss(out, ab_t, mask=valid)
+        return loss, out, ab_t
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def build_optimizer(cfg: PretextConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise UserError(f"optimizer must be adam, adamw or sgd; got '{cfg.optimizer}'")
+
+
+def lr_at(cfg: PretextConfig, step: int) -> float:
+    """Step schedule with optional linear warm-up (computed, not stored: resuming needs only the step)."""
+    lr = cfg.lr * cfg.lr_gamma ** sum(step >= s for s in cfg.lr_steps)
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        lr *= (step + 1) / cfg.warmup_steps
+    return lr
+
+
+# --------------------------------------------------------------------------------------------- logging helpers
+def saturation_stats(out: torch.Tensor, ab_t: torch.Tensor, obj: Objective, mask: torch.Tensor) -> tuple[float, float]:
+    """Mean chroma |ab| of the prediction (annealed mean) and of the ground truth, over colour images: a
+    prediction far less saturated than the truth is the well-known collapse to sepia."""
+    with torch.no_grad():
+        pred = decode_ab(out, obj.target, obj.bins, obj.cfg.temperature)
+        m = mask.view(-1, 1, 1).float().expand(-1, *pred.shape[-2:])
+        denom = m.sum().clamp(min=1)
+        return float((pred.norm(dim=1) * m).sum() / denom), float((ab_t.norm(dim=1) * m).sum() / denom)
+
+
+@torch.no_grad()
+def sample_grid(model, rgb: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """Rows of grey input / prediction / ground truth, as one (3, H, W) image."""
+    import torchvision
+
+    was_training = model.training
+    model.eval()
+    lab = rgb_to_lab(rgb)
+    L = lab[:, :1]
+    out = model(L).float()
+    ab = decode_ab(out, obj.target, obj.bins, obj.cfg.temperature)
+    ab = F.interpolate(ab, size=L.shape[-2:], mode="bilinear", align_corners=False)
+    pred = lab_to_rgb(torch.cat([L, ab], 1))
+    grey = lab_to_rgb(torch.cat([L, torch.zeros_like(ab)], 1))
+    model.train(was_training)
+    return torchvision.utils.make_grid(torch.cat([grey, pred, rgb.clamp(0, 1)]), nrow=rgb.shape[0], padding=2)
+
+
+def plot_loss_curve(jsonl_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .runtime import read_jsonl
+
+    recs = [r for r in read_jsonl(jsonl_path) if r.get("kind") == "train"]
+    if not recs:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([r["step"] for r in recs], [r["loss"] for r in recs])
+    ax[0].set(xlabel="step", ylabel="loss", title="training loss")
+    ax[1].plot([r["step"] for r in recs], [r["sat_pred"] for r in recs], label="predicted")
+    ax[1].plot([r["step"] for r in recs], [r["sat_true"] for r in recs], label="ground truth")
+    ax[1].set(xlabel="step", ylabel="mean |ab|", title="saturation")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def make_checkpoint(cfg, model, optimizer, scaler, obj: Objective, state: dict, points_gen) -> dict:
+    m = _unwrap(model)
+    return {
+        "format": FORMAT,
+        "model_name": cfg.model,
+        "model_kwargs": obj.model_kwargs(),
+        "model": m.state_dict(),
+        "target": obj.target,
+        "bins": obj.bins.cpu(),
+        "prior": obj.prior.cpu() if obj.prior is not None else None,
+        "input_size": cfg.size,
+        "config": dataclasses.asdict(cfg),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": get_rng_state(),
+        "points_rng": points_gen.get_state(),
+        **state,
+    }
+
+
+def checkpoint_path(cfg: PretextConfig) -> Path:
+    return Path(cfg.out_dir) / "checkpoint.pth"
+
+
+# --------------------------------------------------------------------------------------------- training
+def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: PretextConfig, state: dict, dist_info: DistInfo,
+                    device, amp_dtype, points_gen, logger: JsonlLogger, writer, bar, grid_rgb, t_start: float) -> bool:
+    """Run until the epoch ends or the run is over; returns True when the run is over."""
+    model.train()
+    micro = 0
+    window_t, window_imgs = time.time(), 0
+    fault_step = int(os.environ.get("CROSSCHANNEL_FAULT_AT_STEP", "0"))  # crash injection for resume tests
+    for rgb, ok, grey in loader:
+        rgb = rgb.to(device, non_blocking=True)
+        valid = (ok & ~grey).to(device)
+        if cfg.channels_last and device.type == "cuda":
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
+        last_micro = micro == cfg.accum_steps - 1
+        sync_ctx = model.no_sync() if (dist_info.enabled and not last_micro) else _nullctx()
+        with sync_ctx:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, out, ab_t = obj(model, rgb, valid, points_gen)
+            scaled = loss / cfg.accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        state["skipped"] += int((~ok).sum())
+        state["grey"] += int((ok & grey).sum())
+        state["batch_in_epoch"] += 1
+        window_imgs += rgb.shape[0] * dist_info.world_size
+        micro += 1
+        if micro < cfg.accum_steps:
+            continue
+        micro = 0
+        lr = lr_at(cfg, state["step"])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step = state["step"]
+        if bar is not None:
+            bar.update(1)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"loss is {loss.item()} at step {step}; lower lr or check the data")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            loss_avg = all_reduce_sum(loss.detach().clone()).item() / dist_info.world_size
+            sat_p, sat_t = saturation_stats(out, ab_t, obj, valid)
+            ips = window_imgs / max(time.time() - window_t, 1e-9)
+            window_t, window_imgs = time.time(), 0
+            rec = dict(kind="train", step=step, epoch=state["epoch"], loss=loss_avg, lr=lr, img_per_s=ips,
+                       sat_pred=sat_p, sat_true=sat_t, skipped=state["skipped"], grey=state["grey"])
+            logger.log(**rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_avg:.3f}", img_s=f"{ips:.1f}", sat=f"{sat_p:.1f}/{sat_t:.1f}")
+            if writer is not None:
+                for k in ("loss", "lr", "img_per_s", "sat_pred", "sat_true"):
+                    writer.add_scalar(f"train/{k}", rec[k], step)
+        if dist_info.is_main and grid_rgb is not None and (step % cfg.image_every == 0 or step == cfg.max_steps):
+            save_grid(model, grid_rgb.to(device), obj, cfg, step, writer)
+        timed_out = cfg.time_limit_min > 0 and (time.time() - t_start) > cfg.time_limit_min * 60
+        done = step >= cfg.max_steps or timed_out
+        if step % cfg.checkpoint_every == 0 or done:
+            if dist_info.is_main:
+                save_checkpoint(make_checkpoint(cfg, model, optimizer, scaler, obj, state_for_ckpt(state), points_gen),
+                                checkpoint_path(cfg))
+            barrier()
+        if fault_step and step == fault_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if done:
+            if timed_out:
+                log.info("time limit of %.1f min reached at step %d", cfg.time_limit_min, step)
+            return True
+    return False
+
+
+def state_for_ckpt(state: dict) -> dict:
+    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped", "grey")}
+
+
+def save_grid(model, rgb, obj, cfg, step, writer) -> None:
+    import torchvision
+
+    grid = sample_grid(_unwrap(model), rgb, obj)
+    path = Path(cfg.out_dir) / "images" / f"step_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(grid, path)
+    if writer is not None:
+        writer.add_image("samples/grey_pred_true", grid, step)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(args) -> int:
+    return run(config_from_args(PretextConfig, args), resume=args.resume)
+
+
+def run(cfg: PretextConfig, resume: Optional[str] = None) -> int:
+    """Train with ``cfg``; ``resume`` is None, 'auto' (out_dir/checkpoint.pth if present) or a checkpoint path."""
+    dist_info, device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, resume, dist_info, device)
+    finally:
+        cleanup_distributed()
+
+
+def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device: torch.device) -> int:
+    out_dir = Path(cfg.out_dir)
+    setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
+    if resume == "auto":
+        resume = str(checkpoint_path(cfg)) if checkpoint_path(cfg).is_file() else None
+        if resume is None:
+            log.info("--resume: no checkpoint in %s, starting fresh", out_dir)
+    elif resume is None and checkpoint_path(cfg).is_file():
+        raise UserError(f"{checkpoint_path(cfg)} exists: pass --resume to continue that run, or choose another out_dir")
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+    seed_everything(cfg.seed + dist_info.rank)
+
+    from .prior import load_prior
+
+    prior = load_prior(cfg.prior) if cfg.prior else None
+    obj = Objective(cfg, device, prior)
+    model = models.create_model(cfg.model, **obj.model_kwargs()).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    points_gen = torch.Generator().manual_seed(cfg.seed * 31 + dist_info.rank)
+    state = dict(step=0, epoch=0, batch_in_epoch=0, skipped=0, grey=0)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        if ckpt.get("format") != FORMAT:
+            raise UserError(f"{resume}: not a crosschannel pretext checkpoint")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        points_gen.set_state(ckpt["points_rng"])
+        state.update({k: ckpt[k] for k in state})
+        log.info("resumed from %s at step %d", resume, state["step"])
+    if dist_info.enabled:
+        if cfg.sync_bn and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = get_dataset(cfg)
+    sampler = ShardedSampler(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, cfg.seed)
+    if sampler.batches_per_epoch == 0:
+        raise UserError(f"{len(dataset)} images is fewer than one global batch ({cfg.batch_size} x {dist_info.world_size})")
+    log.info("%d images, %d batches/epoch, model %s (%.1fM params), target %s, loss %s, device %s, world %d",
+             len(dataset), sampler.batches_per_epoch, cfg.model, sum(p.numel() for p in model.parameters()) / 1e6,
+             obj.target, cfg.loss, device, dist_info.world_size)
+    logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist_info.is_main)
+    writer = None
+    if cfg.tensorboard and dist_info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    grid_rgb = grid_batch(cfg, cfg.num_grid_images) if dist_info.is_main and cfg.image_every > 0 else None
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not (dist_info.is_main and cfg.progress))
+    t_start = time.time()
+    done = state["step"] >= cfg.max_steps
+    while not done:
+        start_batch = state["batch_in_epoch"]
+        if start_batch >= sampler.batches_per_epoch:
+            state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+            start_batch = 0
+        sampler.set_epoch(state["epoch"], start_batch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                             pin_memory=device.type == "cuda", drop_last=True,
+                                             persistent_workers=False)
+        done = train_one_epoch(model, optimizer, scaler, loader, obj, cfg, state, dist_info, device, amp_dtype,
+                               points_gen, logger, writer, bar, grid_rgb, t_start)
+        if not done:
+            state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+    bar.close()
+    if dist_info.is_main:
+        plot_loss_curve(out_dir / "log.jsonl", out_dir / "loss.png")
+        if writer is not None:
+            writer.close()
+        if state["skipped"]:
+            log.warning("%d unreadable images were skipped (see warnings above)", state["skipped"])
+        log.info("done: step %d, checkpoint %s", state["step"], checkpoint_path(cfg))
+    return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("pretext.train", description="Pretrain a backbone by colorization.")
+    add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from out_dir/checkpoint.pth (or the given checkpoint)")
+    return p
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .runtime import run_entry
+
+    sys.exit(run_entry(main, get_args_parser()))
