@@ -65,7 +65,7 @@ def list_images(sources: str | os.PathLike | Sequence[str | os.PathLike], recurs
     return uniq
 
 
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, bool]:
+def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, bool]:
     """Convert any PIL mode to RGB. Returns (rgb, alpha or None, source_was_grey)."""
     alpha = None
     mode = img.mode
@@ -99,7 +99,7 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = False):
             with Image.open(path) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
-                rgb, alpha, grey = _to_rgb(im)
+                rgb, alpha, grey = to_rgb(im)
     except FileNotFoundError:
         raise UnreadableImage(path, "file not found") from None
     except Image.DecompressionBombError:

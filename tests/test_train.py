@@ -111,3 +111,33 @@ def test_ddp_two_processes_equal_one_process(tmp_path, sample_dir):
     seed_everything(0)  # the trainer's initialisation: training must have moved the weights
     init = create_model("alexnet_cc", out_dim=313, fc_dim=32, norm="none").state_dict()
     assert any(not torch.allclose(a[k], init[k]) for k in a)
+
+
+@pytest.mark.parametrize("model,kwargs,loss,points", [
+    ("zhang_vgg", {}, "rebal", 0),
+    ("vgg16_hypercolumn", {"width_mult": 0.125, "fc_dim": 32, "hidden": 32}, "hue_chroma", 16),
+    ("vgg16_hypercolumn", {"width_mult": 0.125, "fc_dim": 32, "hidden": 32}, "rebal", 16),
+    ("timm:resnet18", {}, "l2", 0),
+    ("alexnet_cc", {"fc_dim": 32}, "hue_chroma", 0),
+])
+def test_every_network_and_loss_trains(tmp_path, sample_dir, model, kwargs, loss, points):
+    from pretext.encoding import load_bins
+    from pretext.models import model_from_checkpoint
+    from pretext.predict import predict_ab
+    from pretext.prior import compute_prior, save_prior
+    from pretext.train import PretextConfig, run
+
+    data = _colour_images(sample_dir, 4, tmp_path / "data")
+    save_prior(compute_prior(sorted(data.iterdir()), load_bins(), size=48, workers=0, progress=False), tmp_path / "p.npz", "t")
+    size = 96 if model == "alexnet_cc" else 64
+    cfg = PretextConfig(data=[str(data)], model=model, model_kwargs=kwargs, loss=loss, points_per_image=points,
+                        prior=str(tmp_path / "p.npz"), size=size, batch_size=2, max_steps=2, workers=0, lr=1e-4,
+                        out_dir=str(tmp_path / "run"), tensorboard=False, progress=False, log_every=1, image_every=2,
+                        checkpoint_every=2)
+    assert run(cfg) == 0
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    net = model_from_checkpoint(ck).eval()
+    L = torch.rand(1, 1, 40, 56) * 100
+    ab = predict_ab(net, L, ck["target"], ck["bins"], size=size)
+    assert ab.shape == (1, 2, 40, 56) and torch.isfinite(ab).all()
+    assert (tmp_path / "run" / "images" / "step_0000002.png").exists()

@@ -9,7 +9,6 @@ like for every other model.
 """
 from typing import Optional, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -38,6 +37,8 @@ class TimmColor(nn.Module):
         kw = dict(pretrained=False, in_chans=1, features_only=True, **timm_kwargs)
         if out_indices is not None:
             kw['out_indices'] = tuple(out_indices)
+        import timm  # imported here: timm takes seconds to import and only this wrapper needs it
+
         self.encoder = timm.create_model(model_name, **kw)
         fi = self.encoder.feature_info
         self.feature_info = [dict(num_chs=c, reduction=r, module=f'encoder.{m.replace(".", "_")}')

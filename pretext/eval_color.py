@@ -1,0 +1,474 @@
+"""Score colorizations: ``crosschannel eval-color --checkpoint CKPT --data DIR -o report_dir``.
+
+Every colour image is desaturated (only its L is kept), colorized, and compared with the original:
+
+* Zhang et al. 2016, Table 1: AuC of the CMF of the per-pixel ab L2 error over thresholds 0..150 (normalised to
+  100), and the class-rebalanced AuC (pixels weighted by 1 / prior of their ground-truth bin, lambda = 0);
+* Larsson et al. 2016: PSNR of the 8-bit RGB result (peak 255), RMSE of ab (Lab units) and MSE of 8-bit RGB;
+* optionally the top-1/top-5 accuracy of a classifier on ground-truth, grey and recolorized images of an
+  ImageNet-layout folder (Zhang's "VGG Top-1" column);
+* the same numbers for two baselines: all-gray (ab = 0) and random (ab of another image, deterministic
+  derangement with ``--seed``, resized to this image).
+
+Errors are measured at the full resolution of the image (after an optional ``--eval-size`` downscale); the
+network sees L resized to its input size. Each image weighs the same in the CMF (its pixels count 1 / (H W)).
+Grey images are skipped (they have no colour to recover) and counted; unreadable ones are listed as failed.
+Writes ``report.json`` (all numbers, curves, per-image scores), ``report.md`` (the papers' table), ``cmf.png``
+(error CMF curves, model vs baselines) and ``best_worst.png`` (ground truth / grey / colorized).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .color import rgb_to_lab
+from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image
+from .encoding import SoftEncoder, gaussian_smooth_prior, load_bins
+from .metrics import (MAX_THRESHOLD, ab_l2_error, auc_from_cmf, cmf_from_histogram, error_bins, mean_finite_aware, mse,
+                      psnr_from_mse, rebalanced_cmf, rmse_ab, topk_correct)
+from .predict import compose_rgb, predict_ab_lowres, resize_l
+from .runtime import UserError, atomic_write_text, log, select_device, setup_logging
+
+METHODS = ("model", "gray", "random")
+NT = MAX_THRESHOLD + 2  # histogram bins: ceil(err) = 0..150 and overflow
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def derangement_cycle(n: int, seed: int = 0) -> list[int]:
+    """A seeded random cyclic order of ``range(n)``: image ``order[k]`` takes the ab of image ``order[k - 1]``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """Deterministic permutation without fixed points for n >= 2 (the random baseline's pairing): ``out[i]`` is
+    the image whose ab image ``i`` receives. It is one cycle of :func:`derangement_cycle`."""
+    order = derangement_cycle(n, seed)
+    out = list(range(n))
+    if n >= 2:
+        for k, i in enumerate(order):
+            out[i] = order[k - 1]
+    return out
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Decode, optionally downscale, to Lab; an item is (index, dict or None, reason or None)."""
+
+    def __init__(self, paths, size: int, eval_size: int = 0):
+        self.paths, self.size, self.eval_size = paths, size, eval_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = read_image(self.paths[i])
+        except UnreadableImage as e:
+            return i, None, e.reason
+        if self.eval_size and min(img.size) > self.eval_size:
+            s = self.eval_size / min(img.size)
+            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
+        rgb = pil_to_tensor(img)
+        if is_grey(rgb):
+            return i, None, "grey"
+        lab = rgb_to_lab(rgb)
+        L = lab[:1]
+        return i, dict(rgb8=(rgb * 255).round().to(torch.uint8), L=L, ab=lab[1:], x=resize_l(L[None], self.size)[0]), None
+
+
+def _to8(rgb: torch.Tensor) -> torch.Tensor:
+    return rgb.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _thumb(rgb8: torch.Tensor, h: int = 160) -> torch.Tensor:
+    w = max(1, round(rgb8.shape[-1] * h / rgb8.shape[-2]))
+    t = F.interpolate(rgb8[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+    return t.round().to(torch.uint8)
+
+
+def _classifier_input(rgb8: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """Resize the shorter side to size*256/224, centre-crop ``size``, ImageNet-normalise: (3, size, size)."""
+    x = rgb8[None].float() / 255.0
+    H, W = x.shape[-2:]
+    s = round(size * 256 / 224) / min(H, W)
+    x = F.interpolate(x, size=(max(size, round(H * s)), max(size, round(W * s))), mode="bilinear", antialias=True,
+                      align_corners=False)
+    t, l = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    x = x[..., t:t + size, l:l + size]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
+class _Scores:
+    """Accumulators of one method: per-ground-truth-bin error histograms and per-image numbers."""
+
+    def __init__(self, Q: int):
+        self.Q = Q
+        self.hist = torch.zeros(Q, NT, dtype=torch.float64)
+        self.per_image: dict[int, dict] = {}
+
+    def add(self, i: int, q: torch.Tensor, L, gt_ab, gt8, ab, gamut: str) -> torch.Tensor:
+        e = error_bins(ab_l2_error(ab, gt_ab))
+        hw = e.numel()
+        self.hist += torch.bincount((q * NT + e).reshape(-1), minlength=self.Q * NT).view(self.Q, NT).double() / hw
+        out8 = _to8(compose_rgb(L, ab, gamut))
+        m = mse(out8, gt8)
+        self.per_image[i] = dict(auc=auc_from_cmf(cmf_from_histogram(torch.bincount(e.reshape(-1), minlength=NT).double())),
+                                 rmse=rmse_ab(ab, gt_ab), mse=m, psnr=psnr_from_mse(m))
+        return out8
+
+    def summary(self, prior: torch.Tensor) -> dict:
+        if not self.per_image:
+            return dict(auc=math.nan, auc_rebal=math.nan, psnr=math.nan, rmse=math.nan, mse=math.nan, cmf=[], cmf_rebal=[])
+        cmf = cmf_from_histogram(self.hist.sum(0))
+        cmf_r = rebalanced_cmf(self.hist, prior)
+        vals = list(self.per_image.values())
+        return dict(auc=auc_from_cmf(cmf), auc_rebal=auc_from_cmf(cmf_r),
+                    psnr=mean_finite_aware(v["psnr"] for v in vals), rmse=float(np.mean([v["rmse"] for v in vals])),
+                    mse=float(np.mean([v["mse"] for v in vals])), cmf=cmf.tolist(), cmf_rebal=cmf_r.tolist())
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, paths: Sequence[str | os.PathLike],
+             prior_probs: torch.Tensor | None, size: int = 256, out_dir: str | os.PathLike | None = None,
+             T: float = 0.38, device: str | torch.device = "cpu", *, prior_bins: torch.Tensor | None = None,
+             prior_source: str | None = None, eval_size: int = 0, batch_size: int = 8, workers: int = 0, seed: int = 0,
+             classifier: torch.nn.Module | None = None, labels: Sequence[int | None] | None = None,
+             autocast_dtype: torch.dtype | None = None, gamut: str = "chroma", channels_last: bool = False,
+             num_show: int = 4, progress: bool = False, name: str = "model") -> dict:
+    """Evaluate a colorizer on image files against the all-gray and random baselines (see the module docstring).
+
+    Args:
+        model, target, bins: the network and how to decode it (``pretext.predict.decode_ab``).
+        paths: image files. prior_probs: (Q,) prior over ``prior_bins`` (default ``bins``) for the rebalanced
+            AuC; None computes it from the evaluated images (their ground-truth ab, Gaussian-smoothed).
+        size: network input size. eval_size: downscale images whose shorter side exceeds it (0: full size).
+        classifier / labels: optional classifier (ImageNet-normalised 224 input) and per-path class indices.
+    Returns:
+        dict with 'model', 'gray', 'random' (auc, auc_rebal, psnr, rmse, mse, cmf, cmf_rebal; plus top1/top5
+        with a classifier), 'ground_truth', 'num_images', 'failed', 'skipped_grey', 'prior_source', 'images'.
+    """
+    device = torch.device(device)
+    model = model.eval().to(device)
+    bins_dev = bins.to(device) if bins is not None else None
+    gt_bins = prior_bins if prior_bins is not None else (bins.cpu() if bins is not None else load_bins())
+    gt_bins = torch.as_tensor(gt_bins, dtype=torch.float32)
+    Q = gt_bins.shape[0]
+    if prior_probs is not None and len(prior_probs) != Q:
+        raise UserError(f"prior has {len(prior_probs)} probabilities but {Q} bins")
+    enc = SoftEncoder(gt_bins, k=1)
+    paths = [Path(p) for p in paths]
+    n = len(paths)
+    # process in the derangement's cyclic order: the random baseline of an image is the previous usable image's ab
+    order = derangement_cycle(n, seed)
+    scores = {m: _Scores(Q) for m in METHODS}
+    gt_counts = torch.zeros(Q, dtype=torch.float64)
+    failed, grey, images = [], [], {}
+    acc = {m: {1: 0, 5: 0} for m in ("ground_truth", "gray", "model")}
+    n_labelled = 0
+    keep: list[tuple[float, str, list[torch.Tensor]]] = []  # (AuC, path, thumbnails) of the best/worst so far
+    first = prev = None  # (index, L, ab, q, rgb8) of the first usable image, and the previous one's ab
+
+    if classifier is not None:
+        classifier = classifier.eval().to(device)
+    loader = torch.utils.data.DataLoader(_EvalImages([paths[i] for i in order], size, eval_size),
+                                         batch_size=max(1, batch_size), num_workers=workers, collate_fn=list)
+    bar = tqdm(total=n, unit="img", desc="eval-color", disable=not progress)
+    for batch in loader:
+        ok = []
+        for j, item, reason in batch:
+            i = order[j]
+            if reason == "grey":
+                grey.append(str(paths[i]))
+            elif item is None:
+                failed.append(f"{paths[i]}: {reason}")
+                log.warning("skipped %s: %s", paths[i], reason)
+            else:
+                ok.append((i, item))
+        bar.update(len(batch))
+        if not ok:
+            continue
+        x = torch.stack([it["x"] for _, it in ok]).to(device)
+        ab_low = predict_ab_lowres(model, x, target, bins_dev, T, autocast_dtype, channels_last).cpu()
+        for j, (i, it) in enumerate(ok):
+            L, gt_ab, gt8 = it["L"], it["ab"], it["rgb8"]
+            H, W = L.shape[-2:]
+            q = enc.nearest(gt_ab[None])[0]
+            gt_counts += torch.bincount(q.reshape(-1), minlength=Q).double()
+            ab = F.interpolate(ab_low[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0]
+            out8 = scores["model"].add(i, q, L, gt_ab, gt8, ab, gamut)
+            gray8 = scores["gray"].add(i, q, L, gt_ab, gt8, torch.zeros_like(gt_ab), gamut)
+            if prev is None:
+                first = (i, L, gt_ab, q, gt8)
+            else:
+                rand = F.interpolate(prev[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+                scores["random"].add(i, q, L, gt_ab, gt8, rand, gamut)
+            prev = gt_ab
+            images[i] = dict(path=str(paths[i]), size=[W, H], **{m: scores[m].per_image.get(i) for m in ("model", "gray")})
+            if classifier is not None and labels is not None and labels[i] is not None:
+                xs = torch.stack([_classifier_input(v) for v in (gt8, gray8, out8)]).to(device)
+                logits = classifier(xs).float().cpu()
+                lab = torch.full((3,), int(labels[i]))
+                for r, m in enumerate(("ground_truth", "gray", "model")):
+                    c = topk_correct(logits[r:r + 1], lab[r:r + 1])
+                    acc[m][1] += c[1]
+                    acc[m][5] += c[5]
+                n_labelled += 1
+            keep.append((scores["model"].per_image[i]["auc"], str(paths[i]), [_thumb(gt8), _thumb(gray8), _thumb(out8)]))
+            if len(keep) > 4 * num_show:
+                keep.sort(key=lambda r: r[0])
+                keep = keep[:num_show] + keep[-num_show:]
+    bar.close()
+    if first is not None and prev is not None and len(scores["model"].per_image) >= 2:
+        i, L, gt_ab, q, gt8 = first  # close the cycle: the first image takes the last one's ab
+        rand = F.interpolate(prev[None], size=tuple(L.shape[-2:]), mode="bilinear", align_corners=False)[0]
+        scores["random"].add(i, q, L, gt_ab, gt8, rand, gamut)
+    n_ok = len(scores["model"].per_image)
+    if n_ok == 0:
+        raise UserError(f"no colour images to evaluate ({len(failed)} unreadable, {len(grey)} grey of {n})")
+    for i in images:
+        images[i]["random"] = scores["random"].per_image.get(i)
+
+    if prior_probs is None:
+        prior = gaussian_smooth_prior(gt_counts / gt_counts.sum(), gt_bins)
+        prior_source = "computed from the evaluated images (no --prior and no prior in the checkpoint)"
+    else:
+        prior = torch.as_tensor(prior_probs, dtype=torch.float64)
+        prior_source = prior_source or "given"
+    result = {m: scores[m].summary(prior) for m in METHODS}
+    result["ground_truth"] = dict(auc=100.0, auc_rebal=100.0, psnr=math.inf, rmse=0.0, mse=0.0)
+    if classifier is not None:
+        for m in ("ground_truth", "gray", "model"):
+            result[m]["top1"] = 100.0 * acc[m][1] / max(1, n_labelled)
+            result[m]["top5"] = 100.0 * acc[m][5] / max(1, n_labelled)
+        result["num_labelled"] = n_labelled
+    result.update(name=name, num_images=n_ok, failed=failed, skipped_grey=grey, prior_source=prior_source,
+                  size=size, eval_size=eval_size, temperature=T, seed=seed,
+                  images=[images[i] for i in sorted(images)])
+    if out_dir is not None:
+        keep.sort(key=lambda r: r[0])
+        best = keep[::-1][:num_show]
+        worst = keep[:num_show] if len(keep) > num_show else []
+        write_report(result, Path(out_dir), best, worst)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- report
+def _clean(o):
+    """JSON without NaN/Infinity tokens: inf -> "inf", nan -> null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else (None if math.isnan(o) else ("inf" if o > 0 else "-inf"))
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def _fmt(v, nd=2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return f"{v:.{nd}f}"
+
+
+def markdown_table(r: dict) -> str:
+    """The papers' table: Zhang et al. Table 1 columns plus Larsson et al.'s PSNR / RMSE."""
+    cls = "top1" in r["model"]
+    head = "| Method | AuC non-rebal (%) | AuC rebal (%) | PSNR (dB) | RMSE (ab) | MSE (RGB, 8-bit) |"
+    sep = "|---|---:|---:|---:|---:|---:|"
+    if cls:
+        head += " Top-1 (%) | Top-5 (%) |"
+        sep += "---:|---:|"
+    rows = [head, sep]
+    for key, label in (("ground_truth", "Ground truth"), ("gray", "Gray (ab = 0)"), ("random", "Random (ab of another image)"),
+                       ("model", f"Ours ({r.get('name', 'model')})")):
+        m = r[key]
+        row = (f"| {label} | {_fmt(m['auc'])} | {_fmt(m['auc_rebal'])} | {_fmt(m['psnr'])} | {_fmt(m['rmse'])} "
+               f"| {_fmt(m['mse'], 1)} |")
+        if cls:
+            row += f" {_fmt(m.get('top1'), 1)} | {_fmt(m.get('top5'), 1)} |"
+        rows.append(row)
+    notes = [f"{r['num_images']} colour images ({len(r['skipped_grey'])} grey skipped, {len(r['failed'])} unreadable); "
+             f"network input {r['size']}x{r['size']}, T = {r['temperature']}, errors at "
+             + (f"shorter side <= {r['eval_size']} px." if r["eval_size"] else "full resolution."),
+             f"Rebalanced AuC prior: {r['prior_source']}.",
+             "AuC: area under the CMF of per-pixel ab L2 error, thresholds 0..150, normalised to 100 (Zhang et al. 2016). "
+             "PSNR: 8-bit RGB, peak 255, mean over images; RMSE: ab in Lab units (Larsson et al. 2016)."]
+    if cls:
+        notes.append(f"Classifier accuracy over {r['num_labelled']} labelled images.")
+    return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def write_report(r: dict, out_dir: Path, best, worst) -> None:
+    """report.json, report.md, cmf.png (matplotlib, without pyplot) and best_worst.png (PIL)."""
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.json", json.dumps(_clean(r), indent=1))
+    atomic_write_text(out_dir / "report.md", f"# Colorization evaluation: {r.get('name', 'model')}\n\n" + markdown_table(r))
+
+    t = np.arange(MAX_THRESHOLD + 1)
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, key, title in ((axes[0], "cmf", "non-rebalanced"), (axes[1], "cmf_rebal", "class-rebalanced")):
+        for m, style in (("model", "-"), ("gray", "--"), ("random", ":")):
+            if r[m].get(key):
+                auc = r[m]["auc" if key == "cmf" else "auc_rebal"]
+                ax.plot(t, np.asarray(r[m][key]) * 100, style, label=f"{m} (AuC {_fmt(auc)})")
+        ax.set(xlabel="ab L2 error threshold", ylabel="pixels within threshold (%)", title=f"CMF, {title}",
+               xlim=(0, MAX_THRESHOLD), ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.25)
+    fig.savefig(out_dir / "cmf.png", dpi=100)
+
+    rows = [("best", rec) for rec in best] + [("worst", rec) for rec in worst]
+    if rows:
+        _image_grid(rows).save(out_dir / "best_worst.png")
+
+
+def _image_grid(rows, pad: int = 4, caption: int = 14) -> Image.Image:
+    """Rows of (ground truth | grey input | colorized) thumbnails, each row captioned with its rank and AuC."""
+    from PIL import ImageDraw
+
+    widths = [sum(t.shape[-1] for t in rec[2]) + pad * (len(rec[2]) + 1) for _, rec in rows]
+    row_h = max(rec[2][0].shape[-2] for _, rec in rows) + caption + pad
+    canvas = Image.new("RGB", (max(widths), row_h * len(rows) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (kind, (auc, path, thumbs)) in enumerate(rows):
+        y = k * row_h + pad
+        draw.text((pad, y), f"{kind}: {Path(path).name}  AuC {auc:.1f}   (ground truth | grey | colorized)", fill="black")
+        x = pad
+        for t in thumbs:
+            canvas.paste(Image.fromarray(t.permute(1, 2, 0).numpy()), (x, y + caption))
+            x += t.shape[-1] + pad
+    return canvas
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def folder_labels(roots: Sequence[str], paths: Sequence[Path]) -> list[int | None]:
+    """Class index of each image from an ImageNet-layout folder (ROOT/<class>/<image>): class folders named by
+    integers give that index, otherwise the index in the sorted list of class folders (torchvision ImageFolder)."""
+    labels: list[int | None] = []
+    classes = {}
+    for root in roots:
+        r = Path(root)
+        if r.is_dir():
+            names = sorted(d.name for d in r.iterdir() if d.is_dir())
+            numeric = bool(names) and all(re.fullmatch(r"\d+", d) for d in names)
+            classes[r.resolve()] = {d: (int(d) if numeric else k) for k, d in enumerate(names)}
+    for p in paths:
+        parent = p.resolve().parent
+        table = classes.get(parent.parent, {})
+        labels.append(table.get(parent.name))
+    return labels
+
+
+def load_classifier(name: str, weights: str | None) -> torch.nn.Module:
+    """A torchvision (``resnet50``) or timm (``timm:vgg16`` or any timm name) classifier with weights from a file."""
+    import torchvision
+
+    try:
+        if name.startswith("timm:"):
+            raise ValueError
+        model = torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        import timm
+
+        try:
+            model = timm.create_model(name.removeprefix("timm:"), pretrained=False)
+        except Exception:  # noqa: BLE001 - timm raises RuntimeError for unknown names
+            raise UserError(f"--classifier {name}: not a torchvision or timm model name") from None
+    if weights is None:
+        raise UserError("--classifier needs --classifier-weights (a state dict file); nothing is downloaded")
+    if not Path(weights).is_file():
+        raise UserError(f"{weights}: classifier weights not found")
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{weights}: weights do not fit classifier '{name}' ({str(e).splitlines()[0][:200]})") from None
+    return model
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("crosschannel eval-color", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="crosschannel checkpoint or official ECCV16 weights")
+    p.add_argument("--data", required=True, nargs="+", help="image folder(s), files, globs or list files")
+    p.add_argument("-o", "--output", default="eval_color", help="report folder")
+    p.add_argument("--prior", default=None, help="prior file from 'crosschannel prior' (default: the checkpoint's)")
+    p.add_argument("--size", type=int, default=None, help="network input size (default: the model's)")
+    p.add_argument("--eval-size", type=int, default=0, help="downscale images to this shorter side first (0: full size)")
+    p.add_argument("--temperature", type=float, default=0.38)
+    p.add_argument("--max-images", type=int, default=0, help="evaluate at most N images (evenly spaced; 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline's derangement")
+    p.add_argument("--classifier", default=None, help="torchvision/timm model name for the classification column")
+    p.add_argument("--classifier-weights", default=None, help="state dict of the classifier")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--gamut", choices=("chroma", "clip"), default="chroma", help="how colorized RGB images are formed")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(args) -> int:
+    from .colorize import AMP, load_colorizer
+    from .prior import load_prior
+
+    setup_logging()
+    device = select_device(args.device)
+    col = load_colorizer(args.checkpoint, device, channels_last=True)
+    paths = list_images(args.data)
+    if not paths:
+        raise UserError(f"{' '.join(args.data)}: no images found")
+    if args.max_images and len(paths) > args.max_images:
+        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, args.max_images)]
+    prior_bins = prior_probs = source = None
+    if args.prior:
+        d = load_prior(args.prior)
+        prior_bins, prior_probs, source = d["bins"], d["probs"], f"{args.prior}"
+    elif col.prior is not None:
+        prior_bins = col.bins.cpu() if col.bins is not None else None
+        prior_probs, source = col.prior, f"the checkpoint ({args.checkpoint})"
+    classifier = labels = None
+    if args.classifier:
+        classifier = load_classifier(args.classifier, args.classifier_weights)
+        labels = folder_labels(args.data, paths)
+        if not any(v is not None for v in labels):
+            raise UserError(f"{' '.join(args.data)}: no ImageNet-layout class folders (DATA/<class>/<image>) "
+                            "for the classifier")
+    r = evaluate(col.model, col.target, col.bins, paths, prior_probs, size=args.size or col.input_size, out_dir=args.output,
+                 T=args.temperature, device=device, prior_bins=prior_bins, prior_source=source, eval_size=args.eval_size,
+                 batch_size=args.batch_size, workers=args.workers, seed=args.seed, classifier=classifier, labels=labels,
+                 autocast_dtype=AMP[args.amp], gamut=args.gamut, channels_last=col.channels_last,
+                 progress=not args.no_progress, name=col.name)
+    print(markdown_table(r))
+    print(f"report -> {args.output}/report.md, report.json, cmf.png, best_worst.png")
+    for f in r["failed"]:
+        print(f"skipped {f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from .runtime import run_entry
+
+    sys.exit(run_entry(main, get_args_parser()))

@@ -1,0 +1,178 @@
+"""``crosschannel colorize``: real photos, legacy black-and-white scans, bad inputs, both checkpoint kinds."""
+import io
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pretext.color import rgb_to_l
+from pretext.colorize import colorize, get_args_parser, load_colorizer, main
+from pretext.data import pil_to_tensor, read_image
+from pretext.encoding import load_bins
+from pretext.models import create_model
+from pretext.runtime import UserError, run_entry
+
+SIZE = 64  # tiny network input: colours are not under test here
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_model("alexnet_cc", fc_dim=64)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(dict(model_name="alexnet_cc", model_kwargs=dict(fc_dim=64), model=model.state_dict(), target="ab313",
+                    bins=load_bins(), prior=None, input_size=SIZE, config={}, step=0), path)
+    return path
+
+
+def _eccv16_layout(model) -> OrderedDict:
+    """ZhangVGG weights in the layout of the released colorization_release_v2 .pth (pre-0.4: no num_batches_tracked)."""
+    sd = OrderedDict()
+    for k, v in model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.startswith("head."):
+            k = "model8.6." + k[len("head."):]
+        else:
+            k = "model" + k[len("conv"):]
+        sd[k] = v.clone()
+    sd["model_out.weight"] = torch.randn(2, 313, 1, 1)
+    return sd
+
+
+def _run(argv, capsys):
+    rc = run_entry(main, get_args_parser(), [str(a) for a in argv])
+    return rc, capsys.readouterr()
+
+
+def _l_of(img: Image.Image) -> torch.Tensor:
+    return rgb_to_l(pil_to_tensor(img.convert("RGB")))
+
+
+def _write_fixtures(d: Path, photo: Path) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    src = Image.open(photo).convert("RGB")
+    src = src.resize((160, 120))
+    raw = io.BytesIO()
+    src.save(raw, "JPEG", quality=90)
+    (d / "truncated.jpg").write_bytes(raw.getvalue()[: len(raw.getvalue()) // 2])
+    (d / "notes.jpg").write_text("this is not an image\n")
+    rgba = src.copy()
+    alpha = Image.linear_gradient("L").resize(src.size)
+    rgba.putalpha(alpha)
+    rgba.save(d / "rgba.png")
+    src.convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    grey16 = (np.asarray(src.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(grey16.astype(np.uint16)).save(d / "grey16.png")
+    src.convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    src.save(d / "rotated.jpg", quality=95, exif=exif.tobytes())
+    return dict(alpha=alpha)
+
+
+def test_bad_inputs_and_modes(ckpt, tmp_path, shared_data, capsys):
+    inp = tmp_path / "in"
+    fx = _write_fixtures(inp, shared_data / "photos" / "skimage" / "coffee.jpg")
+    out = tmp_path / "out"
+    rc, cap = _run([inp, "-o", out, "--checkpoint", ckpt, "--workers", 0, "--batch-size", 3, "--device", "cpu"], capsys)
+    assert rc == 1
+    err_lines = [line for line in cap.err.splitlines() if line.strip() and "%|" not in line]
+    assert len(err_lines) == 2, cap.err
+    assert any("truncated.jpg" in line for line in err_lines) and any("notes.jpg" in line for line in err_lines)
+    for name in ("rgba.png", "palette.png", "grey16.png", "cmyk.jpg", "rotated.jpg"):
+        o = out / name
+        assert o.is_file(), name
+        rgb_in = read_image(inp / name)
+        img = Image.open(o)
+        assert img.size == rgb_in.size, name
+        diff = (_l_of(img) - _l_of(rgb_in)).abs()
+        lossless = o.suffix == ".png"  # JPEG outputs add their own (small) compression error
+        assert float(diff.mean()) < 0.5 and (float(diff.max()) < 2.0 or not lossless), (name, diff.mean(), diff.max())
+    assert Image.open(out / "rotated.jpg").size == (120, 160)  # EXIF orientation applied
+    rgba = Image.open(out / "rgba.png")
+    assert rgba.mode == "RGBA" and np.array_equal(np.asarray(rgba.getchannel("A")), np.asarray(fx["alpha"]))
+    assert not (out / "truncated.jpg").exists() and not (out / "notes.jpg").exists()
+
+
+def test_legacy_bw_full_size_and_mirroring(ckpt, tmp_path, shared_data, capsys):
+    legacy = shared_data / "legacy_bw"
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (photos / "sub" / name).write_bytes((shared_data / "photos" / "skimage" / name).read_bytes())
+    out = tmp_path / "out"
+    rc, cap = _run([legacy, photos, "-o", out, "--checkpoint", ckpt, "--workers", 0, "--device", "cpu"], capsys)
+    assert rc == 0, cap.err
+    for f in sorted(legacy.iterdir()):
+        o = out / f.name
+        assert Image.open(o).size == Image.open(f).size
+        img = Image.open(o).convert("RGB")
+        assert float((_l_of(img) - _l_of(read_image(f))).abs().mean()) < 0.5
+    assert (out / "sub" / "chelsea.jpg").is_file() and (out / "sub" / "coffee.jpg").is_file()  # tree mirrored
+
+
+def test_never_overwrites_inputs_and_exact_output_name(ckpt, tmp_path, shared_data, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    src = d / "chelsea.jpg"
+    src.write_bytes((shared_data / "photos" / "skimage" / "chelsea.jpg").read_bytes())
+    before = src.read_bytes()
+    rc, cap = _run([d, "-o", d, "--checkpoint", ckpt, "--workers", 0], capsys)
+    assert rc == 1 and "overwrite" in cap.err and src.read_bytes() == before
+    rc, cap = _run([src, "-o", src, "--checkpoint", ckpt, "--workers", 0], capsys)
+    assert rc == 1 and src.read_bytes() == before
+    out = tmp_path / "exact" / "colour.webp"
+    rc, cap = _run([src, "-o", out, "--checkpoint", ckpt, "--workers", 0], capsys)
+    assert rc == 0 and Image.open(out).format == "WEBP" and Image.open(out).size == Image.open(src).size
+    rc, cap = _run([tmp_path / "missing.jpg", src, "-o", tmp_path / "o2", "--checkpoint", ckpt, "--workers", 0], capsys)
+    assert rc == 1 and "missing.jpg: no such file" in cap.err and (tmp_path / "o2" / "chelsea.jpg").is_file()
+    rc, cap = _run([tmp_path / "empty_glob*.png", "-o", out, "--checkpoint", ckpt], capsys)
+    assert rc == 2 and "no images found" in cap.err
+
+
+def test_python_api_and_cache(ckpt, shared_data):
+    col = load_colorizer(ckpt)
+    assert load_colorizer(ckpt) is col
+    img = Image.open(shared_data / "legacy_bw" / "coins.png")  # mode L
+    out = colorize(img, col)
+    assert out.size == img.size and out.mode == "RGB"
+    rgba = Image.open(shared_data / "photos" / "skimage" / "chelsea.jpg").convert("RGBA")
+    out = colorize(rgba, ckpt, size=96)
+    assert out.mode == "RGBA" and out.size == rgba.size
+
+
+def test_eccv16_release_weights(tmp_path, shared_data):
+    torch.manual_seed(0)
+    ref = create_model("zhang_vgg").eval()
+    path = tmp_path / "colorization_release_v2.pth"
+    torch.save(_eccv16_layout(ref), path)
+    col = load_colorizer(path)
+    assert col.kind == "eccv16" and col.target == "ab313" and col.input_size == 256
+    L = torch.rand(1, 1, 32, 32) * 100
+    with torch.no_grad():
+        assert torch.allclose(col.model(L), ref(L), atol=1e-4)
+    img = Image.open(shared_data / "legacy_bw" / "coins.png")
+    assert colorize(img, col, size=32).size == img.size
+
+
+def test_unknown_checkpoint(tmp_path):
+    p = tmp_path / "junk.pt"
+    torch.save({"foo": torch.zeros(1)}, p)
+    with pytest.raises(UserError, match="junk.pt"):
+        load_colorizer(p)
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="text.pt"):
+        load_colorizer(tmp_path / "text.pt")
+
+
+def test_cli_dispatch(ckpt, tmp_path, shared_data):
+    from pretext.cli import main as cli_main
+
+    out = tmp_path / "o"
+    rc = cli_main(["colorize", str(shared_data / "legacy_bw" / "coins.png"), "-o", str(out), "--checkpoint", str(ckpt),
+                   "--workers", "0", "--amp", "bf16"])
+    assert rc == 0 and (out / "coins.png").is_file()
