@@ -286,35 +286,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a temporary file in the target folder, fsync, then rename over ``path``: a crash
+    never leaves a truncated file behind, only the previous version."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename: a crash never leaves a
-    truncated checkpoint behind, only the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -323,6 +303,19 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (see :func:`_atomic_write`)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
