@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pretext.color import rgb_to_lab
-from pretext.encoding import SoftEncoder, load_bins, to_dense
+from pretext.encoding import SoftEncoder, load_bins
 
 
 class NNEncode:

@@ -246,3 +246,31 @@ def _build_supervised(spec_str: str, taps: list[str] | None, seed: int) -> tuple
     default = list(TORCHVISION_TAPS[name]) if (not is_timm and name in TORCHVISION_TAPS) else \
         [f["module"] for f in getattr(model, "feature_info", [])]
     return FrozenEncoder(model, _resolve_taps(taps or default, available, name), "rgb", mean, std), spec
+
+
+# --------------------------------------------------------------------------------------------- command line
+_SOURCES = ("checkpoint", "random_init", "supervised")
+
+
+def add_encoder_args(p) -> None:
+    """The encoder source flags shared by ``linear_probe.train`` and ``linear_probe.svm`` (exactly one)."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="pretext checkpoint to evaluate")
+    src.add_argument("--random-init", dest="random_init", metavar="MODEL", help="a randomly initialised MODEL")
+    src.add_argument("--supervised", metavar="NAME[:WEIGHTS]",
+                     help="supervised ceiling: torchvision NAME or timm:NAME with a weights file")
+
+
+def load_encoder_config(cls, args):
+    """Config from ``--config``/``--set``; an encoder source given on the command line replaces the config's."""
+    from pretext.runtime import UserError, load_config
+
+    overrides = list(args.overrides or [])
+    for key in _SOURCES:
+        value = getattr(args, key, None)
+        if value:
+            overrides += [f"{k}=" for k in _SOURCES if k != key] + [f"{key}={value}"]
+    cfg = load_config(cls, args.config, overrides)
+    if sum(bool(getattr(cfg, k)) for k in _SOURCES) != 1:
+        raise UserError("give exactly one encoder: --checkpoint PATH, --random-init MODEL or --supervised NAME[:WEIGHTS]")
+    return cfg

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from pretext.data import eval_transform, read_image
-from pretext.runtime import (UserError, add_config_args, atomic_write_text, autocast_dtype, load_config, log,
+from pretext.runtime import (UserError, add_config_args, atomic_write_text, autocast_dtype, log,
                              save_config, seed_everything, select_device, setup_logging)
 
 from .cache import Indexed, extract_pooled
-from .encoder import build_encoder, fingerprint
+from .encoder import add_encoder_args, build_encoder, fingerprint, load_encoder_config
 from .heads import TapPools
 from .voc import AP_TYPES, VOC_CLASSES, average_precision, load_voc_split
 
@@ -167,14 +167,7 @@ def write_results(out_dir: Path, results: dict) -> None:
 
 
 def main(args) -> int:
-    overrides = list(args.overrides or [])
-    for key in ("checkpoint", "random_init", "supervised"):
-        value = getattr(args, key, None)
-        if value:
-            overrides += [f"{k}=" for k in ("checkpoint", "random_init", "supervised") if k != key] + [f"{key}={value}"]
-    cfg = load_config(SVMConfig, args.config, overrides)
-    if sum(bool(s) for s in (cfg.checkpoint, cfg.random_init, cfg.supervised)) != 1:
-        raise UserError("give exactly one encoder: --checkpoint PATH, --random-init MODEL or --supervised NAME[:WEIGHTS]")
+    cfg = load_encoder_config(SVMConfig, args)
     if cfg.ap not in AP_TYPES:
         raise UserError(f"ap must be one of {AP_TYPES}, got '{cfg.ap}'")
     if cfg.dual.lower() not in ("auto", "true", "false"):
@@ -233,10 +226,7 @@ def main(args) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("linear_probe.svm", description="VOC07 linear SVM benchmark on frozen features.")
     add_config_args(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="pretext checkpoint")
-    src.add_argument("--random-init", dest="random_init", metavar="MODEL", help="randomly initialised MODEL")
-    src.add_argument("--supervised", metavar="NAME[:WEIGHTS]", help="torchvision NAME or timm:NAME with a weights file")
+    add_encoder_args(p)
     return p
 
 

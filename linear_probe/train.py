@@ -24,10 +24,12 @@ from tqdm import tqdm
 from pretext.data import eval_transform, read_image
 from pretext.runtime import (DistInfo, JsonlLogger, UserError, add_config_args, all_reduce_sum, atomic_write_text,
                              autocast_dtype, cleanup_distributed, config_to_dict, init_distributed, load_checkpoint,
-                             load_config, log, save_checkpoint, save_config, seed_everything, setup_logging)
+                             log, resolve_resume, save_checkpoint, save_config, seed_everything,
+                             setup_logging)
 
 from .cache import ShardSampler, build_cache, cache_key
-from .encoder import FrozenEncoder, build_encoder, check_unchanged, fingerprint, snapshot
+from .encoder import (FrozenEncoder, add_encoder_args, build_encoder, check_unchanged, fingerprint, load_encoder_config,
+                      snapshot)
 from .heads import ProbeHeads, probe_loss, topk_correct
 
 FORMAT = "crosschannel/probe-v1"
@@ -226,14 +228,7 @@ def checkpoint_path(cfg: ProbeConfig) -> Path:
 
 # --------------------------------------------------------------------------------------------- main
 def main(args) -> int:
-    overrides = list(args.overrides or [])
-    for key in ("checkpoint", "random_init", "supervised"):
-        value = getattr(args, key, None)
-        if value:  # a source on the command line replaces the config's source
-            overrides += [f"{k}=" for k in ("checkpoint", "random_init", "supervised") if k != key] + [f"{key}={value}"]
-    cfg = load_config(ProbeConfig, args.config, overrides)
-    if sum(bool(s) for s in (cfg.checkpoint, cfg.random_init, cfg.supervised)) != 1:
-        raise UserError("give exactly one encoder: --checkpoint PATH, --random-init MODEL or --supervised NAME[:WEIGHTS]")
+    cfg = load_encoder_config(ProbeConfig, args)
     dist_info, device = init_distributed(cfg.device)
     try:
         return _run(cfg, args.resume, dist_info, device)
@@ -244,12 +239,7 @@ def main(args) -> int:
 def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: torch.device) -> int:
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
-    if resume == "auto":
-        resume = str(checkpoint_path(cfg)) if checkpoint_path(cfg).is_file() else None
-        if resume is None:
-            log.info("--resume: no checkpoint in %s, starting fresh", out_dir)
-    elif resume is None and checkpoint_path(cfg).is_file():
-        raise UserError(f"{checkpoint_path(cfg)} exists: pass --resume to continue that run, or choose another out_dir")
+    resume = resolve_resume(resume, checkpoint_path(cfg))
     if cfg.pool not in ("avg", "bilinear"):
         raise UserError(f"pool must be 'avg' or 'bilinear', got '{cfg.pool}'")
     if dist_info.is_main:
@@ -379,11 +369,7 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("linear_probe.train", description="Per-layer linear probes on a frozen encoder.")
     add_config_args(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="pretext checkpoint to probe")
-    src.add_argument("--random-init", dest="random_init", metavar="MODEL", help="probe a randomly initialised MODEL")
-    src.add_argument("--supervised", metavar="NAME[:WEIGHTS]",
-                     help="supervised ceiling: torchvision NAME or timm:NAME with a weights file")
+    add_encoder_args(p)
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from out_dir/checkpoint.pth (or the given checkpoint)")
     return p

@@ -423,3 +423,17 @@ def run_entry(main, parser: argparse.ArgumentParser, argv: list[str] | None = No
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def resolve_resume(resume: str | None, latest: str | os.PathLike) -> str | None:
+    """``--resume`` semantics shared by the trainers: 'auto' means ``latest`` if it exists (else start fresh);
+    no ``--resume`` while ``latest`` exists is an error, so that a finished or crashed run is never overwritten."""
+    latest = Path(latest)
+    if resume == "auto":
+        if latest.is_file():
+            return str(latest)
+        log.info("--resume: no checkpoint at %s, starting fresh", latest)
+        return None
+    if resume is None and latest.is_file():
+        raise UserError(f"{latest} exists: pass --resume to continue that run, or choose another out_dir")
+    return resume

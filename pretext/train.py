@@ -16,21 +16,21 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import models
-from .color import AB_SCALE, lab_to_rgb, rgb_to_lab
+from .color import lab_to_rgb, rgb_to_lab
 from .data import ImageDataset, eval_transform, list_images, train_transform
 from .encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
 from .losses import l2_ab_loss, multinomial_cross_entropy
 from .predict import decode_ab
 from .runtime import (DistInfo, JsonlLogger, UserError, add_config_args, all_reduce_sum, autocast_dtype, barrier,
                       cleanup_distributed, config_from_args, get_rng_state, init_distributed, load_checkpoint, log,
-                      save_checkpoint, save_config, seed_everything, set_rng_state, setup_logging)
+                      resolve_resume, save_checkpoint, save_config, seed_everything, set_rng_state, setup_logging)
 
 FORMAT = "crosschannel/pretext-v1"
 
@@ -433,12 +433,7 @@ def run(cfg: PretextConfig, resume: Optional[str] = None) -> int:
 def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device: torch.device) -> int:
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
-    if resume == "auto":
-        resume = str(checkpoint_path(cfg)) if checkpoint_path(cfg).is_file() else None
-        if resume is None:
-            log.info("--resume: no checkpoint in %s, starting fresh", out_dir)
-    elif resume is None and checkpoint_path(cfg).is_file():
-        raise UserError(f"{checkpoint_path(cfg)} exists: pass --resume to continue that run, or choose another out_dir")
+    resume = resolve_resume(resume, checkpoint_path(cfg))
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)

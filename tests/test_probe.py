@@ -14,8 +14,14 @@ from PIL import Image
 from linear_probe import compare, train
 from linear_probe.cache import FeatureCache, build_cache, cache_key
 from linear_probe.encoder import build_encoder, check_unchanged, snapshot
-from linear_probe.heads import ProbeHeads, TapPool, pooled_side, probe_loss, topk_correct
-from pretext.runtime import UserError
+from linear_probe.heads import (
+    ProbeHeads,
+    TapPool,
+    pooled_side,
+    probe_loss,
+    topk_correct,
+)
+from pretext.runtime import UserError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--random-init", "alexnet_cc", "--set", "model_kwargs.fc_dim=8", "--set", "crop=67", "--set", "resize=72",
@@ -196,7 +202,7 @@ def test_resume_equals_uninterrupted(folder, tmp_path):
 
 def test_feature_cache_roundtrip(folder, tmp_path):
     enc, _ = build_encoder(["conv1", "conv4"], random_init="alexnet_cc", model_kwargs={"fc_dim": 8})
-    cfg = train.load_config(train.ProbeConfig, None, [f"data={folder}", "val_fraction=0.34", "crop=67", "resize=72"])
+    cfg = load_config(train.ProbeConfig, None, [f"data={folder}", "val_fraction=0.34", "crop=67", "resize=72"])
     _, val_tf = train.build_transforms(cfg)
     tr, _, classes = train.get_dataset(cfg, val_tf, val_tf)
     heads = ProbeHeads({t: s[0] for t, s in enc.tap_shapes(67).items()}, len(classes))
@@ -273,9 +279,9 @@ def test_cli_registered():
 
 def test_configs_load():
     for name in ("alexnet_cc_in1k_avgpool", "quick_gcompris"):
-        cfg = train.load_config(train.ProbeConfig, ROOT / "configs" / "probe" / f"{name}.yaml")
+        cfg = load_config(train.ProbeConfig, ROOT / "configs" / "probe" / f"{name}.yaml")
         assert cfg.lr == 0.01 and cfg.momentum == 0.9 and cfg.weight_decay == 5e-4 and cfg.pool == "avg"
-    assert train.load_config(train.ProbeConfig, ROOT / "configs/probe/alexnet_cc_in1k_avgpool.yaml").crop == 227
+    assert load_config(train.ProbeConfig, ROOT / "configs/probe/alexnet_cc_in1k_avgpool.yaml").crop == 227
 
 
 @pytest.mark.slow

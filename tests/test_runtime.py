@@ -1,13 +1,11 @@
 import dataclasses
-import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from pretext.runtime import (JsonlLogger, UserError, atomic_write_text, load_checkpoint, load_config, read_jsonl,
+from pretext.runtime import (JsonlLogger, UserError, load_checkpoint, load_config, read_jsonl,
                              save_checkpoint, save_config, select_device)
 
 

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_voc import SHARED, write_vocdevkit
 
 from linear_probe import svm
 from linear_probe.svm import SVMConfig, l2_normalize, train_class
-from test_voc import SHARED, write_vocdevkit
+from pretext.runtime import load_config
 
 TINY = ["--random-init", "alexnet_cc", "--set", "model_kwargs.fc_dim=8", "--set", "crop=67", "--set", "resize=72",
         "--set", "workers=0", "--set", "progress=false", "--set", "device=cpu", "--set", "batch_size=8"]
@@ -78,5 +79,5 @@ def test_svm_on_shared_voc_sample(tmp_path):
 
 def test_svm_config_loads():
     root = Path(__file__).resolve().parents[1]
-    cfg = svm.load_config(SVMConfig, root / "configs" / "svm" / "voc07_alexnet_cc_conv5.yaml")
+    cfg = load_config(SVMConfig, root / "configs" / "svm" / "voc07_alexnet_cc_conv5.yaml")
     assert cfg.tap == "conv5" and cfg.cv_folds == 3 and cfg.pos_weight == 2.0 and cfg.ap == "voc07_11pt"
