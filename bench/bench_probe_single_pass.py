@@ -25,6 +25,7 @@ import torch
 from linear_probe import train
 from linear_probe.encoder import build_encoder
 from linear_probe.heads import ProbeHeads
+from pretext.runtime import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     taps = args.taps.split(",")
-    cfg = train.load_config(train.ProbeConfig, None, [f"data={args.data}", "val_fraction=0.3", f"crop={args.crop}",
+    cfg = load_config(train.ProbeConfig, None, [f"data={args.data}", "val_fraction=0.3", f"crop={args.crop}",
                                                       f"resize={int(args.crop * 256 / 227)}", f"workers={args.workers}",
                                                       f"batch_size={args.batch_size}"])
     kw = {"fc_dim": args.fc_dim} if args.model == "alexnet_cc" else {}

@@ -95,13 +95,14 @@ class ShardedSampler(torch.utils.data.Sampler):
     sample, so a resumed run sees the same crops as an uninterrupted one. ``start`` skips batches on resume.
     """
 
-    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0, multiple_of: int = 1):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.multiple_of = multiple_of  # gradient accumulation: an epoch never ends inside an optimiser step
         self.epoch, self.start = 0, 0
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.n // (self.batch * self.world)
+        return self.n // (self.batch * self.world) // self.multiple_of * self.multiple_of
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch
@@ -469,9 +470,11 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     dataset = get_dataset(cfg)
-    sampler = ShardedSampler(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, cfg.seed)
+    sampler = ShardedSampler(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, cfg.seed,
+                             multiple_of=cfg.accum_steps)
     if sampler.batches_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images is fewer than one global batch ({cfg.batch_size} x {dist_info.world_size})")
+        raise UserError(f"{len(dataset)} images is fewer than one global batch "
+                        f"({cfg.batch_size} x {dist_info.world_size} processes x {cfg.accum_steps} accumulation steps)")
     log.info("%d images, %d batches/epoch, model %s (%.1fM params), target %s, loss %s, device %s, world %d",
              len(dataset), sampler.batches_per_epoch, cfg.model, sum(p.numel() for p in model.parameters()) / 1e6,
              obj.target, cfg.loss, device, dist_info.world_size)

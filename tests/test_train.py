@@ -141,3 +141,17 @@ def test_every_network_and_loss_trains(tmp_path, sample_dir, model, kwargs, loss
     ab = predict_ab(net, L, ck["target"], ck["bins"], size=size)
     assert ab.shape == (1, 2, 40, 56) and torch.isfinite(ab).all()
     assert (tmp_path / "run" / "images" / "step_0000002.png").exists()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, sample_dir):
+    from pretext.train import PretextConfig, run
+
+    data = _colour_images(sample_dir, 10, tmp_path / "data")
+    common = dict(data=[str(data)], model="alexnet_cc", model_kwargs={"fc_dim": 32, "norm": "none"}, size=96,
+                  loss="ce", max_steps=3, workers=0, lr=1e-3, tensorboard=False, progress=False, image_every=0,
+                  checkpoint_every=100)
+    run(PretextConfig(**common, batch_size=4, accum_steps=1, out_dir=str(tmp_path / "big")))
+    run(PretextConfig(**common, batch_size=2, accum_steps=2, out_dir=str(tmp_path / "accum")))
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "accum")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
