@@ -489,15 +489,16 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
                disable=not (dist_info.is_main and cfg.progress))
     t_start = time.time()
     done = state["step"] >= cfg.max_steps
+    # the sampler runs in the main process, so workers can persist across epochs (set_epoch still applies)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=cfg.workers > 0)
     while not done:
         start_batch = state["batch_in_epoch"]
         if start_batch >= sampler.batches_per_epoch:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
             start_batch = 0
         sampler.set_epoch(state["epoch"], start_batch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda", drop_last=True,
-                                             persistent_workers=False)
         done = train_one_epoch(model, optimizer, scaler, loader, obj, cfg, state, dist_info, device, amp_dtype,
                                points_gen, logger, writer, bar, grid_rgb, t_start)
         if not done:
