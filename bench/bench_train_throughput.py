@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pretext.color import rgb_to_lab
-from pretext.data import list_images, train_transform, ImageDataset
+from pretext.data import ImageDataset, list_images, train_transform
 from pretext.encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
 from pretext.losses import dense_cross_entropy, multinomial_cross_entropy
 from pretext.models import create_model

@@ -22,9 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretext.data import eval_transform, read_image
-from pretext.runtime import (UserError, add_config_args, atomic_write_text, autocast_dtype, log,
-                             save_config, seed_everything, select_device, setup_logging)
+from pretext.data import UnreadableImage, eval_transform, read_image
+from pretext.runtime import (
+    UserError,
+    add_config_args,
+    atomic_write_text,
+    autocast_dtype,
+    log,
+    save_config,
+    seed_everything,
+    select_device,
+    setup_logging,
+)
 
 from .cache import Indexed, extract_pooled
 from .encoder import add_encoder_args, build_encoder, fingerprint, load_encoder_config
@@ -56,7 +65,7 @@ class SVMConfig:
     # SVMs
     costs: list[float] = dataclasses.field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0])
     cv_folds: int = 3
-    ap: str = "voc07_11pt"  #: voc07_11pt (VOC2007 devkit) | area (VOC2010+ devkit, VISSL)
+    ap: str = "area"  #: area (VOC2010+ devkit; Goyal et al. / VISSL code) | voc07_11pt (VOC2007 devkit)
     pos_weight: float = 2.0  #: class_weight {1: pos_weight, -1: 1}
     max_iter: int = 2000
     dual: str = "auto"  #: auto | true | false (LinearSVC dual)
@@ -79,7 +88,10 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(read_image(self.paths[i])), 0
+        try:
+            return self.transform(read_image(self.paths[i])), 0
+        except UnreadableImage as e:  # one line naming the file; the run goes on without this image's features
+            raise UserError(f"{e} (remove it from the VOC split or fix the file)") from None
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:

@@ -14,22 +14,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 import torch
+from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from pretext.data import eval_transform, read_image
-from pretext.runtime import (DistInfo, JsonlLogger, UserError, add_config_args, all_reduce_sum, atomic_write_text,
-                             autocast_dtype, cleanup_distributed, config_to_dict, init_distributed, load_checkpoint,
-                             log, resolve_resume, save_checkpoint, save_config, seed_everything,
-                             setup_logging)
+from pretext.data import UnreadableImage, eval_transform, read_image
+from pretext.runtime import (
+    DistInfo,
+    JsonlLogger,
+    UserError,
+    add_config_args,
+    all_reduce_sum,
+    atomic_write_text,
+    autocast_dtype,
+    cleanup_distributed,
+    config_to_dict,
+    init_distributed,
+    load_checkpoint,
+    log,
+    resolve_resume,
+    save_checkpoint,
+    save_config,
+    seed_everything,
+    setup_logging,
+)
 
 from .cache import ShardSampler, build_cache, cache_key
-from .encoder import (FrozenEncoder, add_encoder_args, build_encoder, check_unchanged, fingerprint, load_encoder_config,
-                      snapshot)
+from .encoder import (
+    FrozenEncoder,
+    add_encoder_args,
+    build_encoder,
+    check_unchanged,
+    fingerprint,
+    load_encoder_config,
+    snapshot,
+)
 from .heads import ProbeHeads, probe_loss, topk_correct
 
 FORMAT = "crosschannel/probe-v1"
@@ -113,10 +137,21 @@ def build_transforms(cfg: ProbeConfig):
     return train, eval_transform(cfg.crop, cfg.resize)
 
 
+class ReadableImageFolder(ImageFolder):
+    """ImageFolder that never stops on a bad file: an unreadable image is skipped with a one-line warning naming it,
+    and the next readable sample of the folder is used in its place (the epoch keeps its length)."""
+
+    def __getitem__(self, i):
+        for j in range(len(self)):
+            try:
+                return super().__getitem__((i + j) % len(self))
+            except UnreadableImage as e:
+                warnings.warn(f"skipped {e}")
+        raise UserError(f"{self.root}: no readable image")
+
+
 def get_dataset(cfg: ProbeConfig, train_tf, val_tf):
     """(train, val, class names): ``data/train_dir`` + ``data/val_dir``, or ``data`` split by ``val_fraction``."""
-    from torchvision.datasets import ImageFolder
-
     if not cfg.data:
         raise UserError("no data: set 'data' to an ImageFolder root (with train/ and val/, or use val_fraction)")
     root = Path(cfg.data)
@@ -126,14 +161,14 @@ def get_dataset(cfg: ProbeConfig, train_tf, val_tf):
     if cfg.val_fraction <= 0:
         if not (tr.is_dir() and va.is_dir()):
             raise UserError(f"{root}: no {cfg.train_dir}/ and {cfg.val_dir}/ folders; set val_fraction to split one ImageFolder")
-        train, val = ImageFolder(str(tr), train_tf, loader=read_image), ImageFolder(str(va), val_tf, loader=read_image)
+        train, val = ReadableImageFolder(str(tr), train_tf, loader=read_image), ReadableImageFolder(str(va), val_tf, loader=read_image)
         if train.classes != val.classes:
             raise UserError(f"{root}: train and val have different classes")
         return train, val, train.classes
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
     try:
-        full_t, full_v = ImageFolder(str(root), train_tf, loader=read_image), ImageFolder(str(root), val_tf, loader=read_image)
+        full_t, full_v = ReadableImageFolder(str(root), train_tf, loader=read_image), ReadableImageFolder(str(root), val_tf, loader=read_image)
     except FileNotFoundError as e:
         raise UserError(f"{root}: {e}") from None
     ti, vi = stratified_split(full_t.targets, cfg.val_fraction, cfg.split_seed)

@@ -10,6 +10,8 @@ results agree to ~1e-4 in L, a, b units.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Constants of the colorization task (one place).
@@ -25,6 +27,20 @@ _RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
 _WHITE_D65 = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 _EPS = 0.008856  # (6/29)^3
 _KAPPA = 7.787  # (29/6)^2 / 3
+
+
+def _float32_maths(fn):
+    """Colour maths always run in float32 (or float64), also inside an autocast region (AMP would otherwise run the
+    matrix products in bf16/fp16: errors of ~0.6 L and ~2 ab units, enough to move soft-encoded targets)."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        if x.device.type in ("cuda", "cpu", "mps", "xpu"):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 def _mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +64,7 @@ def linear_to_srgb(lin: torch.Tensor) -> torch.Tensor:
     return torch.where(lin > 0.0031308, high, lin * 12.92)
 
 
+@_float32_maths
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] -> CIE Lab.
 
@@ -67,6 +84,7 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([L, a, b], dim=-3)
 
 
+@_float32_maths
 def lab_to_rgb(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
     """CIE Lab -> sRGB in [0, 1]; out-of-gamut colours are clipped to [0, 1] (as skimage does).
 
@@ -88,6 +106,7 @@ def lab_to_rgb(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
     return rgb.clamp(0.0, 1.0) if clip else rgb
 
 
+@_float32_maths
 def rgb_to_l(rgb: torch.Tensor) -> torch.Tensor:
     """Lightness only: (..., 3, H, W) sRGB in [0, 1] -> (..., 1, H, W) L in [0, 100]."""
     rgb = _check(rgb, "rgb_to_l")

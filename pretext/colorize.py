@@ -31,7 +31,14 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .color import rgb_to_l
-from .data import UnreadableImage, to_rgb, is_image_file, list_images, pil_to_tensor, read_image
+from .data import (
+    UnreadableImage,
+    is_image_file,
+    list_images,
+    pil_to_tensor,
+    read_image,
+    to_rgb,
+)
 from .encoding import load_bins
 from .predict import compose_rgb, predict_ab_lowres, prepare_model, resize_l
 from .runtime import UserError, load_checkpoint, select_device

@@ -36,8 +36,19 @@ from tqdm import tqdm
 from .color import rgb_to_lab
 from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image
 from .encoding import SoftEncoder, gaussian_smooth_prior, load_bins
-from .metrics import (MAX_THRESHOLD, ab_l2_error, auc_from_cmf, cmf_from_histogram, error_bins, mean_finite_aware, mse,
-                      psnr_from_mse, rebalanced_cmf, rmse_ab, topk_correct)
+from .metrics import (
+    MAX_THRESHOLD,
+    ab_l2_error,
+    auc_from_cmf,
+    cmf_from_histogram,
+    error_bins,
+    mean_finite_aware,
+    mse,
+    psnr_from_mse,
+    rebalanced_cmf,
+    rmse_ab,
+    topk_correct,
+)
 from .predict import compose_rgb, predict_ab_lowres, resize_l
 from .runtime import UserError, atomic_write_text, log, select_device, setup_logging
 

@@ -47,9 +47,9 @@ def colorized_grid(model, target, bins, paths, out_png: Path, size: int) -> None
     """Grey / colorized / original for each held-out photo, at the photo's own resolution (centre-cropped)."""
     import torchvision
 
+    from .color import gray_rgb
     from .data import pil_to_tensor, read_image
     from .predict import colorize_rgb
-    from .color import gray_rgb
 
     rows = []
     for p in paths:
@@ -67,8 +67,8 @@ def colorized_grid(model, target, bins, paths, out_png: Path, size: int) -> None
 
 def main(args) -> int:
     from . import train
-    from .encoding import load_bins
     from .data import list_images
+    from .encoding import load_bins
     from .models import model_from_checkpoint
     from .prior import compute_prior, save_prior
     from .runtime import load_checkpoint

@@ -25,7 +25,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-
 import yaml
 
 log = logging.getLogger("crosschannel")
@@ -437,3 +436,21 @@ def resolve_resume(resume: str | None, latest: str | os.PathLike) -> str | None:
     if resume is None and latest.is_file():
         raise UserError(f"{latest} exists: pass --resume to continue that run, or choose another out_dir")
     return resume
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every process's ``obj`` (a list of one without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any process: decisions that end a loop must agree, or the others hang."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+    return flag

@@ -28,9 +28,29 @@ from .data import ImageDataset, eval_transform, list_images, train_transform
 from .encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
 from .losses import l2_ab_loss, multinomial_cross_entropy
 from .predict import decode_ab
-from .runtime import (DistInfo, JsonlLogger, UserError, add_config_args, all_reduce_sum, autocast_dtype, barrier,
-                      cleanup_distributed, config_from_args, get_rng_state, init_distributed, load_checkpoint, log,
-                      resolve_resume, save_checkpoint, save_config, seed_everything, set_rng_state, setup_logging)
+from .runtime import (
+    DistInfo,
+    JsonlLogger,
+    UserError,
+    add_config_args,
+    all_gather_objects,
+    all_reduce_sum,
+    any_process,
+    autocast_dtype,
+    barrier,
+    cleanup_distributed,
+    config_from_args,
+    get_rng_state,
+    init_distributed,
+    load_checkpoint,
+    log,
+    resolve_resume,
+    save_checkpoint,
+    save_config,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+)
 
 FORMAT = "crosschannel/pretext-v1"
 
@@ -293,7 +313,7 @@ def plot_loss_curve(jsonl_path: Path, png_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def make_checkpoint(cfg, model, optimizer, scaler, obj: Objective, state: dict, points_gen) -> dict:
+def make_checkpoint(cfg, model, optimizer, scaler, obj: Objective, state: dict, rng_per_rank: list) -> dict:
     m = _unwrap(model)
     return {
         "format": FORMAT,
@@ -307,8 +327,7 @@ def make_checkpoint(cfg, model, optimizer, scaler, obj: Objective, state: dict, 
         "config": dataclasses.asdict(cfg),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": get_rng_state(),
-        "points_rng": points_gen.get_state(),
+        "rng_per_rank": rng_per_rank,
         **state,
     }
 
@@ -362,8 +381,8 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
         step = state["step"]
         if bar is not None:
             bar.update(1)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"loss is {loss.item()} at step {step}; lower lr or check the data")
+        if any_process(not math.isfinite(loss.item()), device):  # every rank stops together
+            raise UserError(f"loss is not finite at step {step}; lower lr or check the data")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss_avg = all_reduce_sum(loss.detach().clone()).item() / dist_info.world_size
             sat_p, sat_t = saturation_stats(out, ab_t, obj, valid)
@@ -377,13 +396,16 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
             if writer is not None:
                 for k in ("loss", "lr", "img_per_s", "sat_pred", "sat_true"):
                     writer.add_scalar(f"train/{k}", rec[k], step)
-        if dist_info.is_main and grid_rgb is not None and (step % cfg.image_every == 0 or step == cfg.max_steps):
+        grid_due = cfg.image_every > 0 and (step % cfg.image_every == 0 or step == cfg.max_steps)
+        if dist_info.is_main and grid_rgb is not None and grid_due:
             save_grid(model, grid_rgb.to(device), obj, cfg, step, writer)
-        timed_out = cfg.time_limit_min > 0 and (time.time() - t_start) > cfg.time_limit_min * 60
+        timed_out = cfg.time_limit_min > 0 and any_process((time.time() - t_start) > cfg.time_limit_min * 60, device)
         done = step >= cfg.max_steps or timed_out
         if step % cfg.checkpoint_every == 0 or done:
+            # every rank's RNG state goes into the checkpoint, so that a resumed DDP run continues exactly
+            rng = all_gather_objects({"rng": get_rng_state(), "points_rng": points_gen.get_state()})
             if dist_info.is_main:
-                save_checkpoint(make_checkpoint(cfg, model, optimizer, scaler, obj, state_for_ckpt(state), points_gen),
+                save_checkpoint(make_checkpoint(cfg, model, optimizer, scaler, obj, state_for_ckpt(state), rng),
                                 checkpoint_path(cfg))
             barrier()
         if fault_step and step == fault_step:
@@ -431,7 +453,16 @@ def run(cfg: PretextConfig, resume: Optional[str] = None) -> int:
         cleanup_distributed()
 
 
+def check_config(cfg: PretextConfig) -> None:
+    for key in ("batch_size", "accum_steps", "max_steps", "checkpoint_every", "log_every", "size", "k"):
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+    if cfg.image_every < 0 or cfg.workers < 0 or cfg.points_per_image < 0:
+        raise UserError("image_every, workers and points_per_image must be >= 0 (image_every 0: no sample grids)")
+
+
 def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device: torch.device) -> int:
+    check_config(cfg)
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
     resume = resolve_resume(resume, checkpoint_path(cfg))
@@ -444,7 +475,10 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
 
     prior = load_prior(cfg.prior) if cfg.prior else None
     obj = Objective(cfg, device, prior)
-    model = models.create_model(cfg.model, **obj.model_kwargs()).to(device)
+    try:
+        model = models.create_model(cfg.model, **obj.model_kwargs()).to(device)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model '{cfg.model}' with {obj.model_kwargs()}: {e}") from None
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -460,8 +494,13 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        points_gen.set_state(ckpt["points_rng"])
+        states = ckpt["rng_per_rank"]
+        if len(states) == dist_info.world_size:
+            set_rng_state(states[dist_info.rank]["rng"])
+            points_gen.set_state(states[dist_info.rank]["points_rng"])
+        else:
+            log.warning("checkpoint written by %d processes, resuming with %d: RNG streams restart from the seed",
+                        len(states), dist_info.world_size)
         state.update({k: ckpt[k] for k in state})
         log.info("resumed from %s at step %d", resume, state["step"])
     if dist_info.enabled:

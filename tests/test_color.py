@@ -107,3 +107,13 @@ def test_differentiable_with_finite_gradients_at_the_ends():
     g = torch.zeros(1, 3, 4, 4, requires_grad=True)
     (gray_rgb(g).sum() + lab_to_rgb(rgb_to_lab(g)).sum()).backward()
     assert torch.isfinite(g.grad).all()
+
+
+def test_colour_maths_stay_float32_under_autocast():
+    # AMP must not run the conversions in bf16 (errors of ~0.6 L / ~2 ab would move the soft-encoded targets)
+    x = torch.rand(2, 3, 16, 16)
+    ref_lab, ref_rgb = rgb_to_lab(x), lab_to_rgb(rgb_to_lab(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lab, L, rgb = rgb_to_lab(x), rgb_to_l(x), lab_to_rgb(ref_lab)
+    assert lab.dtype == L.dtype == rgb.dtype == torch.float32
+    assert torch.equal(lab, ref_lab) and torch.equal(L, ref_lab[:, :1]) and torch.equal(rgb, ref_rgb)

@@ -3,8 +3,16 @@ import math
 import pytest
 import torch
 
-from pretext.hue_chroma import (C_MAX, ab_to_hue_chroma, decode_hue_chroma, decode_ab,
-                                encode_hue_chroma, hue_chroma_kl, hue_chroma_loss, hue_chroma_to_ab)
+from pretext.hue_chroma import (
+    C_MAX,
+    ab_to_hue_chroma,
+    decode_ab,
+    decode_hue_chroma,
+    encode_hue_chroma,
+    hue_chroma_kl,
+    hue_chroma_loss,
+    hue_chroma_to_ab,
+)
 
 
 def _ab(hue, chroma):

@@ -4,8 +4,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretext.models import create_model, extract_taps, list_models, model_from_checkpoint
-from pretext.models.alexnet_cc import AlexNetCC, AlexNetTransfer, export_alexnet_transfer
+from pretext.models import (
+    create_model,
+    extract_taps,
+    list_models,
+    model_from_checkpoint,
+)
+from pretext.models.alexnet_cc import (
+    AlexNetCC,
+    AlexNetTransfer,
+    export_alexnet_transfer,
+)
 from pretext.models.hypercolumn import pixel_centre_points
 from pretext.models.zhang_vgg import convert_eccv16_state_dict, load_eccv16_state_dict
 

@@ -212,8 +212,11 @@ def test_feature_cache_roundtrip(folder, tmp_path):
     assert isinstance(cache.feats["conv1"], np.memmap) and len(cache) == len(tr)
     x = torch.stack([tr[i][0] for i in range(len(tr))])
     ref = train.pool_features(enc, heads, x, None)
+    seen = []
     for feats, y in cache.batches(range(len(tr)), 7):
-        pass
+        assert set(feats) == set(heads.taps) and all(len(f) == len(y) <= 7 for f in feats.values())
+        seen += y.tolist()
+    assert sorted(seen) == sorted(tr[i][1] for i in range(len(tr)))
     got = FeatureCache(tmp_path / "c", heads.taps)
     for t in heads.taps:
         assert np.allclose(got.feats[t], ref[t].numpy(), atol=1e-5)

@@ -5,8 +5,16 @@ import sys
 import pytest
 import torch
 
-from pretext.runtime import (JsonlLogger, UserError, load_checkpoint, load_config, read_jsonl,
-                             save_checkpoint, save_config, select_device)
+from pretext.runtime import (
+    JsonlLogger,
+    UserError,
+    load_checkpoint,
+    load_config,
+    read_jsonl,
+    save_checkpoint,
+    save_config,
+    select_device,
+)
 
 
 @dataclasses.dataclass(frozen=True)

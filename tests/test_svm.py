@@ -80,4 +80,4 @@ def test_svm_on_shared_voc_sample(tmp_path):
 def test_svm_config_loads():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(SVMConfig, root / "configs" / "svm" / "voc07_alexnet_cc_conv5.yaml")
-    assert cfg.tap == "conv5" and cfg.cv_folds == 3 and cfg.pos_weight == 2.0 and cfg.ap == "voc07_11pt"
+    assert cfg.tap == "conv5" and cfg.cv_folds == 3 and cfg.pos_weight == 2.0 and cfg.ap == "area"

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linear_probe.voc import (VOC_CLASSES, area_ap, average_precision, find_voc_root, image_labels, load_voc_split,
-                              parse_annotation, voc07_11pt_ap)
+from linear_probe.voc import (
+    VOC_CLASSES,
+    area_ap,
+    average_precision,
+    find_voc_root,
+    image_labels,
+    load_voc_split,
+    parse_annotation,
+    voc07_11pt_ap,
+)
 from pretext.runtime import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

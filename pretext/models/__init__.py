@@ -85,4 +85,4 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
 
 
 # explicit imports fill the registry (kept at the bottom: the model files import register_model)
-from . import zhang_vgg, alexnet_cc, hypercolumn, timm_cc  # noqa: E402,F401
+from . import alexnet_cc, hypercolumn, timm_cc, zhang_vgg  # noqa: E402,F401

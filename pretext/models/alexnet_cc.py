@@ -24,7 +24,7 @@ from . import register_model
 
 __all__ = ['AlexNetCC', 'AlexNetTransfer', 'export_alexnet_transfer', 'fold_conv_bn']
 
-L_CENT, L_NORM = 50.0, 100.0
+from ..color import L_CENT, L_NORM  # noqa: E402 - the constants live in one place
 
 # name: (out_chs, kernel, stride, padding, groups)
 _CONVS = {

@@ -25,7 +25,7 @@ from . import register_model
 
 __all__ = ['VGG16Hypercolumn', 'pixel_centre_points']
 
-L_CENT, L_NORM = 50.0, 100.0
+from ..color import L_CENT, L_NORM  # noqa: E402 - the constants live in one place
 
 # stage widths and number of convs of VGG-16 (configuration D)
 _VGG16 = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))

@@ -16,7 +16,7 @@ from . import register_model
 
 __all__ = ['TimmColor']
 
-L_CENT, L_NORM = 50.0, 100.0
+from ..color import L_CENT, L_NORM  # noqa: E402 - the constants live in one place
 
 
 class TimmColor(nn.Module):

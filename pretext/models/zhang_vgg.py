@@ -20,7 +20,7 @@ from . import register_model
 
 __all__ = ['ZhangVGG', 'convert_eccv16_state_dict', 'load_eccv16_state_dict']
 
-L_CENT, L_NORM = 50.0, 100.0
+from ..color import L_CENT, L_NORM  # noqa: E402 - the constants live in one place
 
 # (in, out, stride, dilation) of each 3x3 conv per block; every conv is followed by ReLU,
 # blocks 1-7 end with BatchNorm (official order: conv, ReLU, ..., BN).
