@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from .data import (
 )
 from .encoding import load_bins
 from .predict import compose_rgb, predict_ab_lowres, prepare_model, resize_l
-from .runtime import UserError, load_checkpoint, select_device
+from .runtime import UserError, atomic_write, load_checkpoint, select_device
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_ALPHA = {"JPEG", "MPO", "PPM", "PCX"}  # formats that cannot store an alpha channel
@@ -187,16 +186,7 @@ def save_image(img: Image.Image, path: Path) -> None:
         raise ValueError(f"unknown image format '{path.suffix}'")
     if img.mode == "RGBA" and fmt in NO_ALPHA:
         img = img.convert("RGB")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: img.save(f, format=fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {})))
 
 
 def plan_outputs(sources: list[str], out: str | os.PathLike, ext: str | None = None) -> list[tuple[Path, Path | None]]:

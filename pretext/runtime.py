@@ -285,7 +285,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- files
-def _atomic_write(path: str | os.PathLike, write) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(file)`` on a temporary file in the target folder, fsync, then rename over ``path``: a crash
     never leaves a truncated file behind, only the previous version."""
     path = Path(path)
@@ -296,6 +302,7 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -305,7 +312,7 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -313,8 +320,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically (see :func:`_atomic_write`)."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

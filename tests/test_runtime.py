@@ -128,3 +128,12 @@ def test_cli_user_error_is_one_line(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "unknown config key 'stpes'" in out.stderr
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        save_checkpoint({"a": 1}, tmp_path / "ck.pth")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "ck.pth").stat().st_mode & 0o777 == 0o644
