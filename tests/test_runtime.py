@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import subprocess
 import sys
 
