@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from pretext.color import rgb_to_l
-from pretext.runtime import UserError, load_checkpoint
+from pretext.runtime import UserError, load_checkpoint, load_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -263,8 +263,6 @@ def add_encoder_args(p) -> None:
 
 def load_encoder_config(cls, args):
     """Config from ``--config``/``--set``; an encoder source given on the command line replaces the config's."""
-    from pretext.runtime import UserError, load_config
-
     overrides = list(args.overrides or [])
     for key in _SOURCES:
         value = getattr(args, key, None)

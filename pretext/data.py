@@ -112,6 +112,12 @@ def read_image(path: str | os.PathLike, keep_alpha: bool = False):
     return (rgb, alpha, grey) if keep_alpha else rgb
 
 
+def resize_shorter(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+    """Resize so that the shorter side is ``size`` (aspect ratio kept, sides at least 1 pixel)."""
+    s = size / min(img.size)
+    return img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), resample=resample)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float32 (3, H, W) in [0, 1]."""
     arr = np.asarray(img, dtype=np.uint8)

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .color import rgb_to_lab
-from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image
+from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
 from .encoding import SoftEncoder, gaussian_smooth_prior, load_bins
 from .metrics import (
     MAX_THRESHOLD,
@@ -89,8 +89,7 @@ class _EvalImages(torch.utils.data.Dataset):
         except UnreadableImage as e:
             return i, None, e.reason
         if self.eval_size and min(img.size) > self.eval_size:
-            s = self.eval_size / min(img.size)
-            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
+            img = resize_shorter(img, self.eval_size)
         rgb = pil_to_tensor(img)
         if is_grey(rgb):
             return i, None, "grey"

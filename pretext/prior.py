@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .color import rgb_to_lab
-from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image
+from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
 from .encoding import SIGMA, GridCounter, SoftEncoder, gaussian_smooth_prior, load_bins
 from .runtime import UserError, atomic_write_bytes, log, setup_logging
 
@@ -38,8 +38,7 @@ class _PriorImages(torch.utils.data.Dataset):
         except UnreadableImage as e:
             return None, f"unreadable: {e}"
         if self.size > 0:
-            s = self.size / min(img.size)
-            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), resample=3)
+            img = resize_shorter(img, self.size)
         rgb = pil_to_tensor(img)
         if is_grey(rgb):
             return None, "grey"

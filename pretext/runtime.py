@@ -454,10 +454,11 @@ def all_gather_objects(obj: Any) -> list:
     return [obj]
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` is true on any process: decisions that end a loop must agree, or the others hang."""
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag: true if it is true on any process (one all-reduce for all of them). Decisions that end a
+    loop must agree across processes, or the others hang in their next collective."""
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-    return flag
+        return [bool(v > 0) for v in t.tolist()]
+    return [bool(f) for f in flags]

@@ -10,6 +10,7 @@ uninterrupted run): data order and augmentation are functions of (seed, epoch, p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -350,7 +351,7 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
         if cfg.channels_last and device.type == "cuda":
             rgb = rgb.contiguous(memory_format=torch.channels_last)
         last_micro = micro == cfg.accum_steps - 1
-        sync_ctx = model.no_sync() if (dist_info.enabled and not last_micro) else _nullctx()
+        sync_ctx = model.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, out, ab_t = obj(model, rgb, valid, points_gen)
@@ -381,7 +382,11 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
         step = state["step"]
         if bar is not None:
             bar.update(1)
-        if any_process(not math.isfinite(loss.item()), device):  # every rank stops together
+        # every rank stops together: one agreement per step for both reasons to stop early
+        nonfinite, timed_out = any_process(
+            [not math.isfinite(loss.item()), cfg.time_limit_min > 0 and time.time() - t_start > cfg.time_limit_min * 60],
+            device)
+        if nonfinite:
             raise UserError(f"loss is not finite at step {step}; lower lr or check the data")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss_avg = all_reduce_sum(loss.detach().clone()).item() / dist_info.world_size
@@ -399,7 +404,6 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
         grid_due = cfg.image_every > 0 and (step % cfg.image_every == 0 or step == cfg.max_steps)
         if dist_info.is_main and grid_rgb is not None and grid_due:
             save_grid(model, grid_rgb.to(device), obj, cfg, step, writer)
-        timed_out = cfg.time_limit_min > 0 and any_process((time.time() - t_start) > cfg.time_limit_min * 60, device)
         done = step >= cfg.max_steps or timed_out
         if step % cfg.checkpoint_every == 0 or done:
             # every rank's RNG state goes into the checkpoint, so that a resumed DDP run continues exactly
@@ -430,14 +434,6 @@ def save_grid(model, rgb, obj, cfg, step, writer) -> None:
     torchvision.utils.save_image(grid, path)
     if writer is not None:
         writer.add_image("samples/grey_pred_true", grid, step)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def main(args) -> int:
