@@ -5,7 +5,9 @@ The reference is ``NNEncode.encode_points_mtx_nd`` of richzhang/colorization
 the k nearest bins of every pixel, Gaussian weights, scattered into a dense (N, 313) float64 array that is
 pre-allocated once and zeroed per call (``sameBlock=True``), returned as a (B, 313, H, W) view.
 
-Rounds alternate reference and ours (machine speed drifts within minutes), medians are reported.
+Rounds alternate reference and ours (machine speed drifts within minutes), medians are reported. "ours" is the
+default CPU path (the C kernel of ``pretext.encoding_kernel``); the torch path, which SoftEncoder falls back to where
+no C compiler exists (and which runs on GPUs), is timed alongside.
 Inputs: ab of real photos (``--data``; random ab in [-110, 110] if the folder is missing) at 56 x 56.
 
     python bench/bench_encoding.py --k 5 --batch 32 --rounds 7
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "photos")
     ap.add_argument("--random", action="store_true", help="uniform random ab in [-110, 110] instead of photos")
     ap.add_argument("--max-bits", type=int, default=4, help="SoftEncoder max_bits")
+    ap.add_argument("--backend", default="native", choices=["native", "torch"],
+                    help="SoftEncoder backend for the 'ours' rows (the torch path is always shown too)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,8 +98,10 @@ def main() -> None:
         ab = photo_ab(args.data, args.batch, args.size)
     ab_np = ab.double().numpy()
     t0 = time.perf_counter()
-    enc = SoftEncoder(bins, k=args.k, max_bits=args.max_bits)
+    enc = SoftEncoder(bins, k=args.k, max_bits=args.max_bits, backend=args.backend)
+    enc(ab[:1])  # binds the C kernel (compiled at first use, then cached on disk)
     build = time.perf_counter() - t0
+    enc_torch = SoftEncoder(bins, k=args.k, max_bits=args.max_bits, backend="torch")
     ref = NNEncode(args.k, enc.sigma, bins.double().numpy())
 
     # correctness: same dense encoding as the reference
@@ -108,6 +114,7 @@ def main() -> None:
         "reference kneighbors only": lambda: ref.nbrs.kneighbors(ab_np.transpose(0, 2, 3, 1).reshape(-1, 2)),
         "reference full (dense)": lambda: ref.encode_points_mtx_nd(ab_np),
         "ours sparse (idx, w)": lambda: enc(ab),
+        "ours sparse, torch path": lambda: enc_torch(ab),
         "ours dense, new tensor": lambda: enc.dense(ab),
         "ours dense, reused buffer": lambda: enc.dense(ab, out=buf),
     }
@@ -123,7 +130,7 @@ def main() -> None:
 
     n = args.batch * args.size * args.size
     print(f"k={args.k}  batch {args.batch}x{args.size}x{args.size} ({n} pixels, {'random' if args.random else 'photo'} ab)"
-          f"  torch threads {args.threads}  rounds {args.rounds}  table build {build:.2f} s")
+          f"  torch threads {args.threads}  rounds {args.rounds}  table build {build:.2f} s  backend {args.backend}")
     print(f"max |ours dense - reference dense| = {err:.2e}  (nonzero only where distances tie at the k-th neighbour)")
     print(f"{'method':<28}{'wall median':>12}{'min':>8}{'max':>8}{'CPU median':>12}   (ms)")
     for name in cases:

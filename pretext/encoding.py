@@ -13,11 +13,14 @@ Everything is batched torch on any device. Shapes: ab images are (B, 2, H, W) in
 from __future__ import annotations
 
 import math
+import warnings
 from importlib import resources
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pretext import encoding_kernel
 
 GRID = 10.0  #: spacing of the reference ab grid
 NUM_BINS = 313  #: number of in-gamut bins of the reference table
@@ -255,20 +258,27 @@ class SoftEncoder(torch.nn.Module):
     candidate search (top-k over the square's few candidates, or over all bins). The table is built once per
     process and cached per (bins, k, cell, extent, max_bits): ~0.3 s for k = 5, ~2 s for k = 10 (2-core machine).
 
+    On the CPU the whole lookup runs as one fused C pass (:mod:`pretext.encoding_kernel`, compiled at first use and
+    cached); the torch path (any device) gives the same results and is the fallback where no C compiler works.
+
     Args:
         bins: (Q, 2) bin centres.
         k: neighbours per pixel (paper: 5; the reference code: 10).
         sigma: Gaussian sigma in ab units.
         cell: finest lookup cell (ab units); extent: the table covers [-extent, extent)^2.
         max_bits: linear tests per pixel (more: fewer pixels in the search path, a larger table).
+        backend: for CPU inputs, ``"auto"`` (the C kernel if it builds, else torch, with a warning), ``"native"``
+            (the C kernel or an error) or ``"torch"``. Inputs on other devices always take the torch path.
     Call:
         ``idx, w = enc(ab)`` with ab (B, 2, H, W) -> idx (B, k, H, W) int64, w (B, k, H, W) float32 summing to 1
         over dim 1, neighbours ordered nearest first (ties in any order).
     """
 
     def __init__(self, bins: torch.Tensor, k: int = 5, sigma: float = SIGMA, cell: float = 0.3125,
-                 extent: float = 160.0, max_bits: int = 4):
+                 extent: float = 160.0, max_bits: int = 4, backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "native", "torch"):
+            raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
         bins = torch.as_tensor(bins, dtype=torch.float32).cpu()
         if bins.dim() != 2 or bins.shape[1] != 2:
             raise ValueError(f"bins must be (Q, 2), got {tuple(bins.shape)}")
@@ -294,6 +304,9 @@ class SoftEncoder(torch.nn.Module):
             if name != "n_fast":
                 self.register_buffer(name, t, persistent=False)
         self._n_fast = int(tables["n_fast"])
+        self.backend = backend
+        self._tables = tables  # CPU originals for the C kernel (buffers may move to another device)
+        self._native: encoding_kernel.NativeSoftEncode | None = None
         self.register_buffer("_bit_values", 2.0 ** torch.arange(self.max_bits), persistent=False)
         self.register_buffer("_tuple_offsets", (torch.arange(self.k) * (self.tuple.numel() // self.k)).view(
             1, self.k, 1, 1).int(), persistent=False)
@@ -302,15 +315,42 @@ class SoftEncoder(torch.nn.Module):
     def num_bins(self) -> int:
         return self.bins.shape[0]
 
+    def __getstate__(self):  # copy / pickle without the ctypes binding; it is rebuilt at the next CPU call
+        state = self.__dict__.copy()
+        state["_native"] = None
+        return state
+
+    def _kernel(self, ab: torch.Tensor) -> encoding_kernel.NativeSoftEncode | None:
+        """The C kernel for this input, or None for the torch path."""
+        if self.backend == "torch" or ab.device.type != "cpu":
+            return None
+        if self._native is None:
+            lib = encoding_kernel.load(self.k, self.max_bits)
+            try:
+                if isinstance(lib, str):
+                    raise RuntimeError(lib)
+                self._native = encoding_kernel.NativeSoftEncode(lib, self._tables, self.bins, self.k, self.n_side + 2,
+                                                                self.extent + self.cell, self.cell)
+            except (RuntimeError, ValueError) as e:
+                if self.backend == "native":
+                    raise RuntimeError(f"the native soft-encoding kernel is unavailable: {e}") from None
+                _warn_fallback(str(e))
+                self.backend = "torch"  # "auto" resolved: do not try again
+                return None
+        return self._native
+
     def knn(self, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k nearest bins: (idx (B, k, H, W) int64, squared distances (B, k, H, W) float32), nearest first."""
         if ab.dim() != 4 or ab.shape[1] != 2:
             raise ValueError(f"ab must be (B, 2, H, W), got {tuple(ab.shape)}")
+        kernel = self._kernel(ab)
+        if kernel is not None:
+            return kernel(ab, self.sigma, want_d2=True)
         B, _, H, W = ab.shape
         ab = ab.float()
         a, b = ab[:, 0:1], ab[:, 1:2]  # (B, 1, H, W)
         n = self.n_side + 2  # the table, with a ring of brute-force squares for pixels outside it
-        sq = (ab + (self.extent + self.cell)).mul_(1.0 / self.cell).floor_().clamp_(0, n - 1)
+        sq = (ab + (self.extent + self.cell)).mul_(1.0 / self.cell).floor_().clamp_(0, n - 1).nan_to_num_(0.0)
         sq = sq[:, 0].mul_(n).add_(sq[:, 1]).int().view(-1)
         rec = self.grid.index_select(0, sq)
         # sign tests of the square's uncertain bin pairs -> pattern code -> ordered k-tuple
@@ -352,6 +392,9 @@ class SoftEncoder(torch.nn.Module):
         d2.view(B, k, H * W)[bi.view(-1, 1), kk, hw.view(-1, 1)] = dd
 
     def forward(self, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kernel = self._kernel(ab) if ab.dim() == 4 and ab.shape[1] == 2 else None
+        if kernel is not None:
+            return kernel(ab, self.sigma, want_d2=False)
         idx, d2 = self.knn(ab)
         # subtract the nearest distance first: same normalised weights, no underflow far outside the gamut
         w = torch.sub(d2[:, :1], d2).mul_(1.0 / (2 * self.sigma**2)).exp_()
@@ -366,6 +409,16 @@ class SoftEncoder(torch.nn.Module):
         """Dense soft targets (B, Q, H, W); ``out``: optional buffer to reuse (see :func:`to_dense`)."""
         idx, w = self(ab)
         return to_dense(idx, w, self.num_bins, out=out)
+
+
+_warned: list[str] = []
+
+
+def _warn_fallback(reason: str | None) -> None:
+    if not _warned:
+        _warned.append(str(reason))
+        warnings.warn(f"crosschannel: the C soft-encoding kernel is unavailable ({reason}); using the slower torch "
+                      "path", RuntimeWarning, stacklevel=3)
 
 
 def to_dense(idx: torch.Tensor, w: torch.Tensor, num_bins: int, out: torch.Tensor | None = None) -> torch.Tensor:

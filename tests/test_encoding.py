@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pretext import encoding_kernel
 from pretext.color import rgb_to_lab
 from pretext.encoding import (
     GridCounter,
@@ -32,6 +33,14 @@ def _photo_ab(n: int = 6, size: int = 64) -> torch.Tensor:
     ims = [Image.open(f).convert("RGB").resize((size, size)) for f in files[:: max(1, len(files) // n)][:n]]
     rgb = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in ims])
     return rgb_to_lab(rgb)[:, 1:]
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request) -> str:
+    """SoftEncoder's two CPU paths: the C kernel (where a C compiler exists: then it must build) and torch."""
+    if request.param == "native" and encoding_kernel._compiler() is None:
+        pytest.skip("no C compiler on this machine: the C kernel cannot be built (SoftEncoder uses its torch path)")
+    return request.param
 
 
 def _brute_knn(ab: torch.Tensor, bins: torch.Tensor, k: int, sigma: float = 5.0):
@@ -77,8 +86,8 @@ def test_bins_equal_reference_file_and_package_data():
 
 
 @pytest.mark.parametrize("k", [1, 5, 10])
-def test_soft_encoding_equals_brute_force(k):
-    enc = SoftEncoder(load_bins(), k=k)
+def test_soft_encoding_equals_brute_force(k, backend):
+    enc = SoftEncoder(load_bins(), k=k, backend=backend)
     g = torch.Generator().manual_seed(k)
     rnd = torch.rand(1, 2, 48, 48, generator=g) * 300 - 150  # inside and outside the gamut
     grid = (torch.randint(-24, 25, (1, 2, 48, 48), generator=g) * 5).float()  # bin centres and bisectors: ties
@@ -90,21 +99,21 @@ def test_soft_encoding_equals_brute_force(k):
     _check_against_brute(enc, _photo_ab(4, 48))
 
 
-def test_soft_encoding_other_grid_and_weights():
+def test_soft_encoding_other_grid_and_weights(backend):
     bins = torch.tensor([[0.0, 0.0], [20, 0], [0, 20], [20, 20], [-20, 40], [60, -20]])
-    enc = SoftEncoder(bins, k=3, sigma=7.0)
+    enc = SoftEncoder(bins, k=3, sigma=7.0, backend=backend)
     ab = torch.rand(2, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 160 - 80
     _, w_ref, _ = _brute_knn(ab, bins, 3, sigma=7.0)
-    _check_against_brute(SoftEncoder(bins, k=3), ab)
+    _check_against_brute(SoftEncoder(bins, k=3, backend=backend), ab)
     w = enc(ab)[1].permute(0, 2, 3, 1).reshape(-1, 3).numpy()
     np.testing.assert_allclose(w, w_ref, atol=1e-4)
     ab = torch.tensor([[0.0, 10.0]]).view(1, 2, 1, 1)  # equidistant from bins 0 and 2 (distance 10)
-    idx, w = SoftEncoder(bins, k=2)(ab)
+    idx, w = SoftEncoder(bins, k=2, backend=backend)(ab)
     assert sorted(idx.view(-1).tolist()) == [0, 2] and torch.allclose(w, torch.full_like(w, 0.5))
 
 
-def test_dense_and_nearest():
-    enc = SoftEncoder(load_bins(), k=5)
+def test_dense_and_nearest(backend):
+    enc = SoftEncoder(load_bins(), k=5, backend=backend)
     ab = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 200 - 100
     dense = enc.dense(ab)
     assert dense.shape == (2, 313, 8, 8)
