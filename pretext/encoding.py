@@ -295,6 +295,7 @@ class SoftEncoder(torch.nn.Module):
             finally:
                 torch.set_num_threads(threads)
         tables = _TABLE_CACHE[key]
+        self._table_key = key
         self.n_side = int(round(2 * extent / cell))
         self.register_buffer("bins", bins, persistent=False)
         # bin coordinates with a far sentinel at index Q (padding of candidate lists)
@@ -325,12 +326,9 @@ class SoftEncoder(torch.nn.Module):
         if self.backend == "torch" or ab.device.type != "cpu":
             return None
         if self._native is None:
-            lib = encoding_kernel.load(self.k, self.max_bits)
             try:
-                if isinstance(lib, str):
-                    raise RuntimeError(lib)
-                self._native = encoding_kernel.NativeSoftEncode(lib, self._tables, self.bins, self.k, self.n_side + 2,
-                                                                self.extent + self.cell, self.cell)
+                self._native = encoding_kernel.bind(self._table_key, self._tables, self.bins, self.k, self.max_bits,
+                                                    self.n_side + 2, self.extent + self.cell, self.cell)
             except (RuntimeError, ValueError) as e:
                 if self.backend == "native":
                     raise RuntimeError(f"the native soft-encoding kernel is unavailable: {e}") from None

@@ -113,9 +113,28 @@ def load(k: int, max_bits: int) -> ctypes.CDLL | str:
 
 
 def reset() -> None:
-    """Forget the loaded kernel (tests: rebuild under another environment)."""
+    """Forget the loaded kernels and their bindings (tests: rebuild under another environment)."""
     with _lock:
         _state.clear()
+        _bound.clear()
+
+
+_bound: dict = {}
+
+
+def bind(key: tuple, tables: dict[str, torch.Tensor], bins: torch.Tensor, k: int, max_bits: int, n_side: int,
+         offset: float, cell: float) -> NativeSoftEncode:
+    """The kernel for (k, max_bits) bound to SoftEncoder tables (``key`` names them), once per process.
+
+    Raises RuntimeError (the kernel cannot be built here) or ValueError (tables beyond its limits), with the reason.
+    """
+    lib = load(k, max_bits)
+    if isinstance(lib, str):
+        raise RuntimeError(lib)
+    with _lock:
+        if (key, lib._name) not in _bound:
+            _bound[key, lib._name] = NativeSoftEncode(lib, tables, bins, k, n_side, offset, cell)
+        return _bound[key, lib._name]
 
 
 _pool: dict = {}
