@@ -160,7 +160,7 @@ int cc_soft_encode(const cc_tables *t, const float *ab, int64_t HW, int64_t p0, 
     const float nf = (float)t->n;
     float best_d[K];
     int64_t best_i[K];
-    int32_t sq[BLOCK];
+    int32_t sq[BLOCK]; /* squares, then their grid entries */
     int64_t p = p0;
     while (p < p1) {
         const int64_t img = p / HW, h0 = p % HW;
@@ -192,9 +192,16 @@ int cc_soft_encode(const cc_tables *t, const float *ab, int64_t HW, int64_t p0, 
             fb = fb < top ? fb : top;
             sq[h - h0] = (int32_t)((float)(int32_t)fa * nf + (float)(int32_t)fb); /* exact: n * n < 2^24 */
         }
+        /* the table reads of the block in tight loops, so that their cache misses overlap */
+        for (int64_t i = 0; i < h1 - h0; i++) sq[i] = t->grid[sq[i]];
+#ifdef __GNUC__
+        for (int64_t i = 0; i < h1 - h0; i++)
+            __builtin_prefetch(sq[i] >= 0 ? (const void *)(t->tup_bin + (int64_t)sq[i] * K)
+                                          : (const void *)(t->rec + (int64_t)(-1 - sq[i]) * REC));
+#endif
         for (int64_t h = h0; h < h1; h++) {
             const float a = pa[h], b = pb[h];
-            int32_t u = t->grid[sq[h - h0]], code = 0;
+            int32_t u = sq[h - h0], code = 0;
             if (u < 0) {
                 code = record_code(t->rec + (int64_t)(-1 - u) * REC, a, b);
                 u = code < t->n_fast ? t->pattern[code] : -1;
