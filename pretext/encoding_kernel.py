@@ -75,30 +75,60 @@ def _build(k: int, max_bits: int) -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     source = resources.files("pretext").joinpath("csrc/soft_encode.c").read_bytes()
-    flags = FLAGS + shlex.split(os.environ.get("CROSSCHANNEL_NATIVE_CFLAGS", "")) + [f"-DCC_K={k}", f"-DCC_BITS={max_bits}"]
+    flags = FLAGS + shlex.split(os.environ.get("CROSSCHANNEL_NATIVE_CFLAGS", ""))
+    flags += [f"-DCC_K={k}", f"-DCC_BITS={max_bits}"]
     key = hashlib.sha256(b"\0".join([source, " ".join(cc + flags).encode(), platform.machine().encode(),
                                      platform.system().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"soft_encode-k{k}-b{max_bits}-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, out = Path(tmp) / "soft_encode.c", Path(tmp) / "soft_encode.so"
-            src.write_bytes(source)
-            try:
-                proc = subprocess.run(cc + flags + ["-o", str(out), str(src)], capture_output=True, text=True,
-                                      timeout=300)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise RuntimeError(f"compiler {cc[0]!r} failed to run: {e}") from None
-            if proc.returncode != 0:
-                lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-                raise RuntimeError(f"{' '.join(cc)} exited with {proc.returncode}: {lines[0]}")
-            os.replace(out, target)  # atomic: concurrent processes (DDP ranks, loader workers) may race here
+    name = f"soft_encode-k{k}-b{max_bits}-{key}.so"
+    # the cache, or a private temporary folder where the cache is not writable (read-only home on a cluster)
+    folders = [cache_dir()] + _private_temp_folder()
+    target = next((f / name for f in folders if (f / name).exists()), None)
+    for folder in folders if target is None else []:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=folder)
+        except OSError:
+            continue
+        try:
+            _compile(cc + flags, source, Path(tmp))
+            os.replace(Path(tmp) / "soft_encode.so", folder / name)  # atomic: ranks and workers may race here
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        target = folder / name
+        break
+    if target is None:
+        raise RuntimeError(f"no writable folder for the compiled kernel ({', '.join(map(str, folders))})")
     lib = ctypes.CDLL(str(target))
     fn = lib.cc_soft_encode
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(_Tables), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib
+
+
+def _private_temp_folder() -> list[Path]:
+    """[a folder in the temp dir that only this user can write], or [] if that cannot be had."""
+    folder = Path(tempfile.gettempdir()) / f"crosschannel-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.stat()
+    except OSError:
+        return []
+    return [folder] if st.st_uid == os.getuid() and not st.st_mode & 0o022 else []
+
+
+def _compile(command: list[str], source: bytes, folder: Path) -> None:
+    """Compile ``source`` into ``folder/soft_encode.so``; RuntimeError with the compiler's first line on failure."""
+    src = folder / "soft_encode.c"
+    src.write_bytes(source)
+    try:
+        proc = subprocess.run(command + ["-o", str(folder / "soft_encode.so"), str(src)], capture_output=True,
+                              text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"compiler {command[0]!r} failed to run: {e}") from None
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        raise RuntimeError(f"{command[0]} exited with {proc.returncode}: {lines[0]}")
 
 
 def load(k: int, max_bits: int) -> ctypes.CDLL | str:

@@ -139,3 +139,20 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert encoding_kernel.cache_dir() == tmp_path / "crosschannel"
     monkeypatch.setenv("CROSSCHANNEL_CACHE_DIR", os.fspath(tmp_path / "x"))
     assert encoding_kernel.cache_dir() == tmp_path / "x"
+
+
+def test_unwritable_cache_falls_back_to_a_private_temp_folder(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CROSSCHANNEL_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created, even by root
+    monkeypatch.setattr(encoding_kernel.tempfile, "tempdir", str(tmp_path))
+    encoding_kernel.reset()
+    try:
+        lib = encoding_kernel.load(5, 4)
+        assert not isinstance(lib, str), lib
+        private = tmp_path / f"crosschannel-{os.getuid()}"
+        assert list(private.glob("soft_encode-k5-b4-*.so")) and private.stat().st_mode & 0o077 == 0
+        encoding_kernel.reset()
+        private.chmod(0o777)  # a folder others can write is never trusted
+        assert "no writable folder" in encoding_kernel.load(5, 4)
+    finally:
+        encoding_kernel.reset()
