@@ -100,7 +100,7 @@ def _build(k: int, max_bits: int) -> ctypes.CDLL:
         raise RuntimeError(f"no writable folder for the compiled kernel ({', '.join(map(str, folders))})")
     lib = ctypes.CDLL(str(target))
     fn = lib.cc_soft_encode
-    fn.restype = ctypes.c_int
+    fn.restype = None
     fn.argtypes = [ctypes.POINTER(_Tables), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib
@@ -253,11 +253,8 @@ class NativeSoftEncode:
         tail = (1.0 / (2.0 * sigma * sigma), int(want_d2), idx.data_ptr(), out.data_ptr())
         threads = max(1, min(torch.get_num_threads(), N // MIN_PIXELS_PER_THREAD))
         if threads == 1:
-            codes = [self._fn(*args, 0, N, *tail)] if N else []
+            self._fn(*args, 0, N, *tail)
         else:
             bounds = [N * i // threads for i in range(threads + 1)]
-            codes = list(_executor(threads).map(lambda i: self._fn(*args, bounds[i], bounds[i + 1], *tail),
-                                                range(threads)))
-        if any(c != 0 for c in codes):
-            raise MemoryError("soft-encoding kernel: out of memory for its work buffers")
+            list(_executor(threads).map(lambda i: self._fn(*args, bounds[i], bounds[i + 1], *tail), range(threads)))
         return idx, out

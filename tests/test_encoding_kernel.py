@@ -156,3 +156,12 @@ def test_unwritable_cache_falls_back_to_a_private_temp_folder(monkeypatch, tmp_p
         assert "no writable folder" in encoding_kernel.load(5, 4)
     finally:
         encoding_kernel.reset()
+
+
+def test_nan_input_gives_nan_weights_like_the_torch_path():
+    """A NaN in the target must not turn into a confident one-hot target (the trainer stops on a NaN loss)."""
+    ab = _ab((1, 2, 2, 3))
+    ab[0, :, 0, 0] = float("nan")
+    for backend in ("native", "torch"):
+        w = SoftEncoder(load_bins(), k=5, backend=backend)(ab)[1]
+        assert torch.isnan(w[0, :, 0, 0]).all() and torch.isfinite(w[0, :, 1]).all(), backend

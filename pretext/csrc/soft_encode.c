@@ -45,12 +45,13 @@ typedef struct {
 
 #define BLOCK 256
 
-/* 2^t for t <= 0 (2^-126 below -126), relative error < 3e-7; branch-free so that loops over it vectorise.
+/* 2^t for t <= 0 (2^-126 below -126; NaN for NaN), relative error < 3e-7; branch-free so that loops over it vectorise.
  * t = m + f with m an integer and |f| <= 1/2: 2^f by a degree-5 polynomial (a minimax-like fit of relative error,
  * made for this file), 2^m through the exponent bits. */
 static inline float exp2_nonpositive(float t) {
     t = t < -126.0f ? -126.0f : t;
-    const int32_t m = (int32_t)(t - 0.5f); /* truncation of a negative number: rounds t to nearest */
+    const float tc = t > -126.0f ? t : -126.0f;      /* NaN -> -126 for the integer part; NaN still comes out */
+    const int32_t m = (int32_t)(tc - 0.5f);          /* truncation of a negative number: rounds t to nearest */
     const float f = t - (float)m;
     float p = 0.001327647129073739f;
     p = p * f + 0.009675540961325169f;
@@ -152,9 +153,9 @@ static void block_weights(float *od, int64_t HW, int64_t len, float log2e_over_t
 }
 
 /* Pixels [p0, p1) of a (B, 2, HW) float32 ab array -> idx (B, k, HW) int64 and out (B, k, HW) float32: the
- * weights, or the squared distances if want_d2. Returns 0. */
-int cc_soft_encode(const cc_tables *t, const float *ab, int64_t HW, int64_t p0, int64_t p1, float inv_two_var,
-                   int want_d2, int64_t *idx, float *out) {
+ * weights, or the squared distances if want_d2. */
+void cc_soft_encode(const cc_tables *t, const float *ab, int64_t HW, int64_t p0, int64_t p1, float inv_two_var,
+                    int want_d2, int64_t *idx, float *out) {
     const int64_t k = K;
     const float top = (float)(t->n - 1), offset = t->offset, inv_cell = t->inv_cell;
     const float nf = (float)t->n;
@@ -223,5 +224,4 @@ int cc_soft_encode(const cc_tables *t, const float *ab, int64_t HW, int64_t p0, 
         if (!want_d2) block_weights(od + h0, HW, h1 - h0, inv_two_var * 1.4426950408889634f);
         p += h1 - h0;
     }
-    return 0;
 }
