@@ -29,6 +29,7 @@ from pretext.runtime import (
     JsonlLogger,
     UserError,
     add_config_args,
+    add_resume_arg,
     all_reduce_sum,
     atomic_write_text,
     autocast_dtype,
@@ -405,8 +406,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("linear_probe.train", description="Per-layer linear probes on a frozen encoder.")
     add_config_args(p)
     add_encoder_args(p)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from out_dir/checkpoint.pth (or the given checkpoint)")
+    add_resume_arg(p)
     return p
 
 

@@ -431,6 +431,13 @@ def run_entry(main, parser: argparse.ArgumentParser, argv: list[str] | None = No
     return int(rc or 0)
 
 
+def add_resume_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The trainers' ``--resume [CHECKPOINT]`` (see :func:`resolve_resume`)."""
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="continue from out_dir/checkpoint.pth (or the given checkpoint)")
+    return parser
+
+
 def resolve_resume(resume: str | None, latest: str | os.PathLike) -> str | None:
     """``--resume`` semantics shared by the trainers: 'auto' means ``latest`` if it exists (else start fresh);
     no ``--resume`` while ``latest`` exists is an error, so that a finished or crashed run is never overwritten."""

@@ -34,6 +34,7 @@ from .runtime import (
     JsonlLogger,
     UserError,
     add_config_args,
+    add_resume_arg,
     all_gather_objects,
     all_reduce_sum,
     any_process,
@@ -552,8 +553,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("pretext.train", description="Pretrain a backbone by colorization.")
     add_config_args(p)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from out_dir/checkpoint.pth (or the given checkpoint)")
+    add_resume_arg(p)
     return p
 
 
