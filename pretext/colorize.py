@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .color import rgb_to_l
 from .data import (
-    UnreadableImage,
+    DecodedImages,
     is_image_file,
     list_images,
     pil_to_tensor,
@@ -39,7 +39,7 @@ from .data import (
     to_rgb,
 )
 from .encoding import load_bins
-from .predict import compose_rgb, predict_ab_lowres, prepare_model, resize_l
+from .predict import compose_rgb, predict_ab_lowres, prepare_model, resize_l, to_uint8
 from .runtime import UserError, atomic_write, load_checkpoint, select_device
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,12 +117,12 @@ def load_colorizer(path: str | os.PathLike, device: torch.device | str = "cpu", 
 
 
 # --------------------------------------------------------------------------------------------- images
-def _finish(col: Colorizer, L: torch.Tensor, ab_low: torch.Tensor, alpha: Image.Image | None, gamut: str) -> Image.Image:
+def _finish(L: torch.Tensor, ab_low: torch.Tensor, alpha: Image.Image | None, gamut: str) -> Image.Image:
     """Full-res L (1, H, W) + low-res ab (2, h, w) -> PIL RGB(A) at (W, H)."""
     L = L.to(ab_low.device)
     ab = F.interpolate(ab_low[None], size=tuple(L.shape[-2:]), mode="bilinear", align_corners=False)[0]
     rgb = compose_rgb(L, ab, gamut)
-    arr = (rgb.mul(255.0).round_().clamp_(0, 255)).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    arr = to_uint8(rgb).permute(1, 2, 0).cpu().numpy()
     img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
     if alpha is not None:
         img.putalpha(alpha)
@@ -154,25 +154,14 @@ def colorize(image: Image.Image | str | os.PathLike, checkpoint: str | os.PathLi
     L, x = _prepare(rgb, size or col.input_size)
     ab_low = predict_ab_lowres(col.model, x[None].to(col.device), col.target, col.bins, temperature, AMP[amp],
                                col.channels_last)
-    return _finish(col, L, ab_low[0], alpha, gamut)
+    return _finish(L, ab_low[0], alpha, gamut)
 
 
-class _Inputs(torch.utils.data.Dataset):
-    """Decoding in loader workers; an item is (index, (L, x, alpha) or None, reason or None)."""
-
-    def __init__(self, paths, size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            rgb, alpha, _ = read_image(self.paths[i], keep_alpha=True)
-        except UnreadableImage as e:
-            return i, None, e.reason
-        L, x = _prepare(rgb, self.size)
-        return i, (L, x, alpha), None
+def _decode_input(path, size: int):
+    """Decoding in a loader worker: (L at full resolution, L for the network, alpha or None)."""
+    rgb, alpha, _ = read_image(path, keep_alpha=True)
+    L, x = _prepare(rgb, size)
+    return (L, x, alpha), None
 
 
 def _pil_format(path: Path) -> str | None:
@@ -269,7 +258,8 @@ def main(args) -> int:
             seen[key] = f
             todo.append((f, o))
 
-    loader = torch.utils.data.DataLoader(_Inputs([f for f, _ in todo], size), batch_size=max(1, args.batch_size),
+    inputs = DecodedImages([f for f, _ in todo], functools.partial(_decode_input, size=size))
+    loader = torch.utils.data.DataLoader(inputs, batch_size=max(1, args.batch_size),
                                          num_workers=args.workers, collate_fn=list)
     t0, done = time.time(), 0
     for batch in loader:
@@ -283,7 +273,7 @@ def main(args) -> int:
         for j, (i, (L, _, alpha)) in enumerate(ok):
             src, dst = todo[i]
             try:
-                save_image(_finish(col, L, ab_low[j], alpha, args.gamut), dst)
+                save_image(_finish(L, ab_low[j], alpha, args.gamut), dst)
             except (OSError, ValueError) as e:
                 fail(src, f"cannot write {dst} ({str(e).splitlines()[0][:160]})")
                 continue

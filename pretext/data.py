@@ -131,6 +131,25 @@ def is_grey(rgb: torch.Tensor, tol: float = 2.0 / 255.0) -> bool:
     return bool(((rgb - rgb.mean(dim=0, keepdim=True)).abs().amax() <= tol).item())
 
 
+class DecodedImages(torch.utils.data.Dataset):
+    """Image files decoded in loader workers by ``decode(path)``, which returns ``(item, None)`` or ``(None, reason)``
+    for a file to skip (e.g. ``"grey"``); an unreadable file gives ``(None, its reason)``. Items are
+    ``(index, item or None, reason or None)``. ``decode`` must pickle (a module-level function or a partial of one)."""
+
+    def __init__(self, paths: Sequence[Path], decode: Callable):
+        self.paths, self.decode = list(paths), decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            item, reason = self.decode(self.paths[i])
+        except UnreadableImage as e:
+            return i, None, e.reason
+        return i, item, reason
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """A list of image files; ``__getitem__`` returns ``(image, ok, grey)``.
 

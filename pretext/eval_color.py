@@ -19,6 +19,7 @@ Writes ``report.json`` (all numbers, curves, per-image scores), ``report.md`` (t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .color import rgb_to_lab
-from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
+from .data import DecodedImages, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
 from .encoding import SoftEncoder, gaussian_smooth_prior, load_bins
 from .metrics import (
     MAX_THRESHOLD,
@@ -49,7 +50,7 @@ from .metrics import (
     rmse_ab,
     topk_correct,
 )
-from .predict import compose_rgb, predict_ab_lowres, resize_l
+from .predict import compose_rgb, predict_ab_lowres, resize_l, to_uint8
 from .runtime import UserError, atomic_write_text, log, select_device, setup_logging
 
 METHODS = ("model", "gray", "random")
@@ -74,32 +75,17 @@ def derangement(n: int, seed: int = 0) -> list[int]:
     return out
 
 
-class _EvalImages(torch.utils.data.Dataset):
-    """Decode, optionally downscale, to Lab; an item is (index, dict or None, reason or None)."""
-
-    def __init__(self, paths, size: int, eval_size: int = 0):
-        self.paths, self.size, self.eval_size = paths, size, eval_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            img = read_image(self.paths[i])
-        except UnreadableImage as e:
-            return i, None, e.reason
-        if self.eval_size and min(img.size) > self.eval_size:
-            img = resize_shorter(img, self.eval_size)
-        rgb = pil_to_tensor(img)
-        if is_grey(rgb):
-            return i, None, "grey"
-        lab = rgb_to_lab(rgb)
-        L = lab[:1]
-        return i, dict(rgb8=(rgb * 255).round().to(torch.uint8), L=L, ab=lab[1:], x=resize_l(L[None], self.size)[0]), None
-
-
-def _to8(rgb: torch.Tensor) -> torch.Tensor:
-    return rgb.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+def _decode_eval(path, size: int, eval_size: int = 0):
+    """Decode, optionally downscale, to Lab (in a loader worker); None for a grey image."""
+    img = read_image(path)
+    if eval_size and min(img.size) > eval_size:
+        img = resize_shorter(img, eval_size)
+    rgb = pil_to_tensor(img)
+    if is_grey(rgb):
+        return None, "grey"
+    lab = rgb_to_lab(rgb)
+    L = lab[:1]
+    return dict(rgb8=to_uint8(rgb), L=L, ab=lab[1:], x=resize_l(L[None], size)[0]), None
 
 
 def _thumb(rgb8: torch.Tensor, h: int = 160) -> torch.Tensor:
@@ -131,12 +117,12 @@ class _Scores:
 
     def add(self, i: int, q: torch.Tensor, L, gt_ab, gt8, ab, gamut: str) -> torch.Tensor:
         e = error_bins(ab_l2_error(ab, gt_ab))
-        hw = e.numel()
-        self.hist += torch.bincount((q * NT + e).reshape(-1), minlength=self.Q * NT).view(self.Q, NT).double() / hw
-        out8 = _to8(compose_rgb(L, ab, gamut))
+        h = torch.bincount((q * NT + e).reshape(-1), minlength=self.Q * NT).view(self.Q, NT).double()
+        self.hist += h / e.numel()
+        out8 = to_uint8(compose_rgb(L, ab, gamut))
         m = mse(out8, gt8)
-        self.per_image[i] = dict(auc=auc_from_cmf(cmf_from_histogram(torch.bincount(e.reshape(-1), minlength=NT).double())),
-                                 rmse=rmse_ab(ab, gt_ab), mse=m, psnr=psnr_from_mse(m))
+        self.per_image[i] = dict(auc=auc_from_cmf(cmf_from_histogram(h.sum(0))), rmse=rmse_ab(ab, gt_ab), mse=m,
+                                 psnr=psnr_from_mse(m))
         return out8
 
     def summary(self, prior: torch.Tensor) -> dict:
@@ -193,8 +179,8 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
 
     if classifier is not None:
         classifier = classifier.eval().to(device)
-    loader = torch.utils.data.DataLoader(_EvalImages([paths[i] for i in order], size, eval_size),
-                                         batch_size=max(1, batch_size), num_workers=workers, collate_fn=list)
+    decoded = DecodedImages([paths[i] for i in order], functools.partial(_decode_eval, size=size, eval_size=eval_size))
+    loader = torch.utils.data.DataLoader(decoded, batch_size=max(1, batch_size), num_workers=workers, collate_fn=list)
     bar = tqdm(total=n, unit="img", desc="eval-color", disable=not progress)
     for batch in loader:
         ok = []

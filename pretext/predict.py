@@ -12,12 +12,11 @@ R, G, B independently, so the output keeps the input's lightness exactly (up to 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .color import AB_SCALE, lab_to_rgb, rgb_to_l
+from .color import AB_SCALE, l_ab_to_rgb, lab_to_rgb, rgb_to_l
 from .encoding import annealed_mean
 
 
@@ -55,12 +54,8 @@ def predict_ab(model: torch.nn.Module, L: torch.Tensor, target: str, bins: torch
     The network runs on L resized to ``size`` x ``size`` (None: native size); the predicted ab is resized back
     bilinearly, so that it can be combined with the original full-resolution L (as the reference demo does).
     """
-    H, W = L.shape[-2:]
-    x = resize_l(L, size)
-    with _autocast(x.device.type, autocast_dtype):
-        out = model(x)
-    ab = decode_ab(out.float(), target, bins, T)
-    return F.interpolate(ab, size=(H, W), mode="bilinear", align_corners=False)
+    ab = predict_ab_lowres(model, resize_l(L, size), target, bins, T, autocast_dtype)
+    return F.interpolate(ab, size=tuple(L.shape[-2:]), mode="bilinear", align_corners=False)
 
 
 @torch.inference_mode()
@@ -86,18 +81,6 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str = "cpu", ch
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-@torch.inference_mode()
-def predict_ab_batch(model: torch.nn.Module, Ls: Sequence[torch.Tensor], target: str, bins: torch.Tensor | None,
-                     size: int = 256, T: float = 0.38, autocast_dtype: torch.dtype | None = None,
-                     channels_last: bool = False) -> list[torch.Tensor]:
-    """Images of different sizes in one forward pass: ``Ls`` are (1, H_i, W_i) lightness maps; each is resized to
-    ``size`` x ``size``, the batch runs once, and every ab map is resized back to its (H_i, W_i): (2, H_i, W_i)."""
-    x = torch.cat([resize_l(L.unsqueeze(0), size) for L in Ls])
-    ab = predict_ab_lowres(model, x, target, bins, T, autocast_dtype, channels_last)
-    return [F.interpolate(ab[i:i + 1], size=tuple(L.shape[-2:]), mode="bilinear", align_corners=False)[0]
-            for i, L in enumerate(Ls)]
 
 
 def _in_gamut(rgb: torch.Tensor, tol: float) -> torch.Tensor:
@@ -160,12 +143,16 @@ def compose_rgb(L: torch.Tensor, ab: torch.Tensor, gamut: str = "chroma") -> tor
         return _fit(L, ab, 8, 1e-4)[1]
     if gamut != "clip":
         raise ValueError(f"gamut must be 'chroma' or 'clip', got {gamut!r}")
-    return lab_to_rgb(torch.cat([L.float(), ab.float()], dim=-3))
+    return l_ab_to_rgb(L.float(), ab.float())
+
+
+def to_uint8(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] -> uint8 (rounded, clipped)."""
+    return rgb.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def colorize_rgb(model: torch.nn.Module, rgb: torch.Tensor, target: str, bins: torch.Tensor | None,
                  size: int | None = 256, T: float = 0.38) -> torch.Tensor:
     """Colorize (B, 3, H, W) sRGB images in [0, 1] (only their lightness is used) -> (B, 3, H, W) sRGB."""
     L = rgb_to_l(rgb)
-    ab = predict_ab(model, L, target, bins, size=size, T=T)
-    return lab_to_rgb(torch.cat([L, ab], dim=-3))
+    return l_ab_to_rgb(L, predict_ab(model, L, target, bins, size=size, T=T))

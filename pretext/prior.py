@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import io
 import time
 from pathlib import Path
@@ -18,50 +19,39 @@ import torch
 from tqdm import tqdm
 
 from .color import rgb_to_lab
-from .data import UnreadableImage, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
+from .data import DecodedImages, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
 from .encoding import SIGMA, GridCounter, SoftEncoder, gaussian_smooth_prior, load_bins
 from .runtime import UserError, atomic_write_bytes, log, setup_logging
 
 
-class _PriorImages(torch.utils.data.Dataset):
-    """Decode + resize + Lab in the worker; returns (ab (2, h, w) or None, status)."""
-
-    def __init__(self, paths, size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            img = read_image(self.paths[i])
-        except UnreadableImage as e:
-            return None, f"unreadable: {e}"
-        if self.size > 0:
-            img = resize_shorter(img, self.size)
-        rgb = pil_to_tensor(img)
-        if is_grey(rgb):
-            return None, "grey"
-        return rgb_to_lab(rgb)[1:], "ok"
+def _decode_ab(path, size: int):
+    """Decode + resize + Lab (in a loader worker): ab (2, h, w), or None for a grey image."""
+    img = read_image(path)
+    if size > 0:
+        img = resize_shorter(img, size)
+    rgb = pil_to_tensor(img)
+    if is_grey(rgb):
+        return None, "grey"
+    return rgb_to_lab(rgb)[1:], None
 
 
 def compute_prior(paths, bins: torch.Tensor | None, size: int = 256, grid: float = 10.0, sigma: float = SIGMA,
                   workers: int = 2, progress: bool = True) -> dict:
     """Histogram + smoothing. ``bins=None`` derives bins from the data on a ``grid``-spaced grid."""
-    ds = _PriorImages(paths, size)
+    ds = DecodedImages(paths, functools.partial(_decode_ab, size=size))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
     enc = SoftEncoder(bins, k=1) if bins is not None else None
     counts = torch.zeros(bins.shape[0], dtype=torch.float64) if bins is not None else None
     grid_counter = GridCounter(grid) if bins is None else None
-    n_ok, unreadable, grey, pixels = 0, [], 0, 0
-    for i, (ab, status) in enumerate(tqdm(loader, total=len(ds), desc="prior", unit="img", disable=not progress)):
+    n_ok, unreadable, grey, pixels = 0, 0, 0, 0
+    for i, ab, reason in tqdm(loader, total=len(ds), desc="prior", unit="img", disable=not progress):
         if ab is None:
-            if status == "grey":
+            if reason == "grey":
                 grey += 1
             else:
-                unreadable.append(status)
-                log.warning("skipped %s", status[len("unreadable: "):])
+                unreadable += 1
+                log.warning("skipped %s: %s", ds.paths[i], reason)
             continue
         ab = ab.unsqueeze(0)
         if enc is not None:
@@ -71,7 +61,7 @@ def compute_prior(paths, bins: torch.Tensor | None, size: int = 256, grid: float
         n_ok += 1
         pixels += ab.shape[-1] * ab.shape[-2]
     if n_ok == 0:
-        raise UserError(f"no usable colour images ({len(unreadable)} unreadable, {grey} grey of {len(ds)})")
+        raise UserError(f"no usable colour images ({unreadable} unreadable, {grey} grey of {len(ds)})")
     if bins is None:
         bins, counts = grid_counter.bins(min_count=1)
     raw = counts / counts.sum()
@@ -83,7 +73,7 @@ def compute_prior(paths, bins: torch.Tensor | None, size: int = 256, grid: float
         "sigma": np.float64(sigma),
         "num_images": np.int64(n_ok),
         "num_pixels": np.int64(pixels),
-        "skipped_unreadable": np.int64(len(unreadable)),
+        "skipped_unreadable": np.int64(unreadable),
         "skipped_grey": np.int64(grey),
         "size": np.int64(size),
         "grid": np.float64(grid),

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import models
-from .color import lab_to_rgb, rgb_to_lab
+from .color import gray_rgb, rgb_to_lab
 from .data import ImageDataset, eval_transform, list_images, train_transform
 from .encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
 from .losses import l2_ab_loss, multinomial_cross_entropy
-from .predict import decode_ab
+from .predict import colorize_rgb, decode_ab
 from .runtime import (
     DistInfo,
     JsonlLogger,
@@ -280,13 +280,8 @@ def sample_grid(model, rgb: torch.Tensor, obj: Objective) -> torch.Tensor:
 
     was_training = model.training
     model.eval()
-    lab = rgb_to_lab(rgb)
-    L = lab[:, :1]
-    out = model(L).float()
-    ab = decode_ab(out, obj.target, obj.bins, obj.cfg.temperature)
-    ab = F.interpolate(ab, size=L.shape[-2:], mode="bilinear", align_corners=False)
-    pred = lab_to_rgb(torch.cat([L, ab], 1))
-    grey = lab_to_rgb(torch.cat([L, torch.zeros_like(ab)], 1))
+    pred = colorize_rgb(model, rgb, obj.target, obj.bins, size=None, T=obj.cfg.temperature)
+    grey = gray_rgb(rgb)
     model.train(was_training)
     return torchvision.utils.make_grid(torch.cat([grey, pred, rgb.clamp(0, 1)]), nrow=rgb.shape[0], padding=2)
 
