@@ -35,11 +35,6 @@ def load_bins(device: torch.device | str | None = None) -> torch.Tensor:
     return torch.from_numpy(pts.astype(np.float32)).to(device)
 
 
-def quantize_to_grid(ab: torch.Tensor, grid: float) -> torch.Tensor:
-    """Round ab values (..., 2, ...) with channel dim 1 to the nearest grid-cell centre (multiples of ``grid``)."""
-    return torch.round(ab / grid) * grid
-
-
 class GridCounter:
     """Streaming histogram of ab values on a square grid (cell centres at multiples of ``grid``).
 
@@ -107,7 +102,7 @@ def _build_tables(bins: torch.Tensor, k: int, cell: float, extent: float, max_bi
     ea = torch.maximum((ba - a0).abs(), (ba - a0 - c0).abs())
     eb = torch.maximum((bb - b0).abs(), (bb - b0 - c0).abs())
     ok = da * da + db * db <= (ea * ea + eb * eb).kthvalue(k, dim=1, keepdim=True).values
-    cand = _compact(ok, torch.arange(Q).expand_as(ok))
+    cand, _ = _compact(ok, torch.arange(Q).expand_as(ok))
 
     grid = torch.full((n0, n0), -1, dtype=torch.int64)
     leaves = []  # per level: (cand, unc_pos, m, dom, slow)
@@ -126,8 +121,7 @@ def _build_tables(bins: torch.Tensor, k: int, cell: float, extent: float, max_bi
         keep = valid & (dom.sum(1) - 1 < k)
         if keep.shape[0] and int(keep.sum(1).min()) < k:
             raise RuntimeError("lookup-table construction lost a neighbour (bins with duplicates?)")
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(keep.sum(1).max()) if keep.shape[0] else k]
-        cand = torch.where(torch.gather(keep, 1, order), torch.gather(cand, 1, order), -1)
+        cand, order = _compact(keep, cand, empty_width=k)
         dom = torch.gather(torch.gather(dom, 1, order.unsqueeze(2).expand(-1, -1, dom.shape[2])), 2,
                            order.unsqueeze(1).expand(-1, order.shape[1], -1))
         kept = cand >= 0
@@ -240,10 +234,12 @@ def _unique_rows(x: torch.Tensor, radix: int) -> tuple[torch.Tensor, torch.Tenso
     return x[first], inv
 
 
-def _compact(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per row, the kept values first (original order), padded with -1; width = max kept count."""
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(keep.sum(1).max())]
-    return torch.where(torch.gather(keep, 1, order), torch.gather(values, 1, order), -1)
+def _compact(keep: torch.Tensor, values: torch.Tensor, empty_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the kept values first (original order), padded with -1; width = max kept count (``empty_width``
+    for no rows). Also returns the column order used, to reorder companion arrays alike."""
+    width = int(keep.sum(1).max()) if keep.shape[0] else empty_width
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+    return torch.where(torch.gather(keep, 1, order), torch.gather(values, 1, order), -1), order
 
 
 class SoftEncoder(torch.nn.Module):
