@@ -58,6 +58,14 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def pool_features(encoder, pooler, rgb: torch.Tensor, amp_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One pass of the frozen encoder -> pooled features of every tap (no graph; pooling in float32)."""
+    with torch.no_grad():
+        with torch.autocast(rgb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            feats = encoder(rgb)
+        return pooler(feats)
+
+
 @torch.no_grad()
 def extract_pooled(encoder, pooler, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
                    out: dict[str, np.ndarray] | None = None, labels_out: np.ndarray | None = None,
@@ -73,10 +81,7 @@ def extract_pooled(encoder, pooler, loader, device: torch.device, amp_dtype: tor
     if labels_out is None:
         labels_out = np.full(n, -1, np.int64)
     for rgb, y, idx in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        rgb = rgb.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = encoder(rgb)
-        pooled = pooler(feats)
+        pooled = pool_features(encoder, pooler, rgb.to(device, non_blocking=True), amp_dtype)
         i = idx.numpy()
         for t, v in pooled.items():
             out[t][i] = v.float().cpu().numpy()

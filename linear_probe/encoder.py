@@ -118,15 +118,15 @@ class FrozenEncoder(nn.Module):
 
 # --------------------------------------------------------------------------------------------- sanity check
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Clones of every parameter and buffer (by name)."""
-    return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
+    """Copies of every parameter and buffer (by name), kept on the CPU (no accelerator memory held for the run)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict(keep_vars=True).items()}
 
 
 def check_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
     """Raise RuntimeError unless every parameter and buffer is bit-identical to ``before`` (MoCo's sanity check)."""
     now = module.state_dict(keep_vars=True)
     changed = [k for k in before if k not in now or now[k].shape != before[k].shape
-               or not torch.equal(now[k].detach(), before[k])]
+               or not torch.equal(now[k].detach().cpu(), before[k])]
     changed += [k for k in now if k not in before]
     if changed:
         raise RuntimeError(f"frozen encoder changed during probe training ({len(changed)} tensors, e.g. "
@@ -157,9 +157,7 @@ def _resolve_taps(requested: list[str], available: dict[str, str], what: str) ->
 
 def _load_weights(model: nn.Module, path: str) -> None:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: weights file not found")
-    sd = torch.load(p, map_location="cpu", weights_only=True)
+    sd = load_checkpoint(p, weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -199,18 +197,17 @@ def build_encoder(taps: list[str] | None, checkpoint: str | None = None, random_
         spec = EncoderSpec("checkpoint", ckpt["model_name"], str(checkpoint),
                            f"colorization ({ckpt['model_name']}{f', step {step}' if step is not None else ''})",
                            {"step": step, "target": ckpt.get("target")})
-        available = {t: t for t in _default_taps(model)}
-        return FrozenEncoder(model, _resolve_taps(taps or list(available), available, spec.name), "L"), spec
-    if random_init:
+    elif random_init:
         torch.manual_seed(seed)
         try:
             model = create_model(random_init, **(model_kwargs or {}))
         except (ValueError, TypeError) as e:
             raise UserError(f"--random-init {random_init}: {e}") from None
         spec = EncoderSpec("random", random_init, "", f"random init ({random_init})", {"model_kwargs": model_kwargs or {}})
-        available = {t: t for t in _default_taps(model)}
-        return FrozenEncoder(model, _resolve_taps(taps or list(available), available, random_init), "L"), spec
-    return _build_supervised(supervised, taps, seed)
+    else:
+        return _build_supervised(supervised, taps, seed)
+    available = {t: t for t in _default_taps(model)}
+    return FrozenEncoder(model, _resolve_taps(taps or list(available), available, spec.name), "L"), spec
 
 
 def _build_supervised(spec_str: str, taps: list[str] | None, seed: int) -> tuple[FrozenEncoder, EncoderSpec]:
@@ -228,7 +225,7 @@ def _build_supervised(spec_str: str, taps: list[str] | None, seed: int) -> tuple
             raise UserError(f"--supervised timm:{name}: {e}") from None
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-        available = {f["module"]: f["module"] for f in model.feature_info}
+        available = {t: t for t in _default_taps(model)}
     else:
         import torchvision
 
@@ -243,8 +240,7 @@ def _build_supervised(spec_str: str, taps: list[str] | None, seed: int) -> tuple
         _load_weights(model, weights)
     label = f"supervised ({name})" if weights else f"supervised architecture, random weights ({name})"
     spec = EncoderSpec("supervised", ("timm:" if is_timm else "") + name, weights, label)
-    default = list(TORCHVISION_TAPS[name]) if (not is_timm and name in TORCHVISION_TAPS) else \
-        [f["module"] for f in getattr(model, "feature_info", [])]
+    default = list(TORCHVISION_TAPS[name]) if (not is_timm and name in TORCHVISION_TAPS) else _default_taps(model)
     return FrozenEncoder(model, _resolve_taps(taps or default, available, name), "rgb", mean, std), spec
 
 

@@ -45,7 +45,7 @@ from pretext.runtime import (
     setup_logging,
 )
 
-from .cache import ShardSampler, build_cache, cache_key
+from .cache import ShardSampler, build_cache, cache_key, pool_features
 from .encoder import (
     FrozenEncoder,
     add_encoder_args,
@@ -55,7 +55,7 @@ from .encoder import (
     load_encoder_config,
     snapshot,
 )
-from .heads import ProbeHeads, probe_loss, topk_correct
+from .heads import POOL_MODES, ProbeHeads, probe_loss, topk_correct
 
 FORMAT = "crosschannel/probe-v1"
 
@@ -183,21 +183,13 @@ def _samples(ds) -> list[tuple[str, int]]:
 
 
 # --------------------------------------------------------------------------------------------- train / evaluate
-def pool_features(encoder: FrozenEncoder, heads: ProbeHeads, rgb: torch.Tensor, amp_dtype) -> dict[str, torch.Tensor]:
-    """One pass of the frozen encoder -> pooled float32 features of every tap (no graph)."""
-    with torch.no_grad():
-        with torch.autocast(rgb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = encoder(rgb)
-        return heads.pool(feats)
-
-
 def _batches(encoder, heads, source: Iterable, device, amp_dtype, cached: bool):
     for x, y in source:
         y = y.to(device, non_blocking=True)
         if cached:
             yield {t: v.to(device, non_blocking=True) for t, v in x.items()}, y
         else:
-            yield pool_features(encoder, heads, x.to(device, non_blocking=True), amp_dtype), y
+            yield pool_features(encoder, heads.pooler, x.to(device, non_blocking=True), amp_dtype), y
 
 
 def train_one_epoch(encoder, heads, model, optimizer, source, device, amp_dtype, cached: bool, epoch: int,
@@ -276,8 +268,8 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
     resume = resolve_resume(resume, checkpoint_path(cfg))
-    if cfg.pool not in ("avg", "bilinear"):
-        raise UserError(f"pool must be 'avg' or 'bilinear', got '{cfg.pool}'")
+    if cfg.pool not in POOL_MODES:
+        raise UserError(f"pool must be one of {POOL_MODES}, got '{cfg.pool}'")
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
@@ -332,6 +324,11 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
             for name, ds in (("train", train_ds), ("val", val_ds)))
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_ds), rank, world),
                                              num_workers=cfg.workers, pin_memory=device.type == "cuda")
+
+    def validate() -> dict:
+        source = val_cache.batches(range(rank, len(val_cache), world), cfg.batch_size) if val_cache else val_loader
+        return evaluate(encoder, heads, source, device, amp_dtype, cfg.cache_features, progress)
+
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist_info.is_main)
     writer = None
     if cfg.tensorboard and dist_info.is_main:
@@ -361,8 +358,7 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val_source = val_cache.batches(range(rank, len(val_cache), world), cfg.batch_size) if val_cache else val_loader
-            metrics = evaluate(encoder, heads, val_source, device, amp_dtype, cfg.cache_features, progress)
+            metrics = validate()
             record["val"] = metrics
             log.info("epoch %d/%d lr %.2g  top-1: %s", epoch + 1, cfg.epochs, lr,
                      "  ".join(f"{t} {m['top1']:.1f}" for t, m in metrics.items()))
@@ -385,8 +381,7 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
     check_unchanged(encoder, before)  # MoCo's sanity check: the frozen trunk must be bit-identical
     log.info("sanity check passed: encoder parameters and buffers are bit-identical to the start")
     if metrics is None:  # resumed a finished run without evaluation records
-        val_source = val_cache.batches(range(rank, len(val_cache), world), cfg.batch_size) if val_cache else val_loader
-        metrics = evaluate(encoder, heads, val_source, device, amp_dtype, cfg.cache_features, progress)
+        metrics = validate()
     if dist_info.is_main:
         results = {
             "label": cfg.label or spec.label, "encoder": dataclasses.asdict(spec), "encoder_fingerprint": enc_fp,

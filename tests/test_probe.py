@@ -211,7 +211,7 @@ def test_feature_cache_roundtrip(folder, tmp_path):
                         amp_dtype=None)
     assert isinstance(cache.feats["conv1"], np.memmap) and len(cache) == len(tr)
     x = torch.stack([tr[i][0] for i in range(len(tr))])
-    ref = train.pool_features(enc, heads, x, None)
+    ref = train.pool_features(enc, heads.pooler, x, None)
     seen = []
     for feats, y in cache.batches(range(len(tr)), 7):
         assert set(feats) == set(heads.taps) and all(len(f) == len(y) <= 7 for f in feats.values())
