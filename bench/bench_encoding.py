@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pretext.color import rgb_to_lab
+from pretext.data import list_images, pil_to_tensor, read_image
 from pretext.encoding import SoftEncoder, load_bins
 
 
@@ -54,16 +56,11 @@ class NNEncode:
 
 
 def photo_ab(folder: Path, batch: int, size: int) -> torch.Tensor:
-    from PIL import Image
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = list_images(folder) if folder.is_dir() else []
     if not files:
         print(f"no photos under {folder}: using random ab")
         return torch.rand(batch, 2, size, size, generator=torch.Generator().manual_seed(0)) * 220 - 110
-    imgs = []
-    for f in files[:: max(1, len(files) // batch)][:batch]:
-        im = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
-        imgs.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255)
+    imgs = [pil_to_tensor(read_image(f).resize((size, size), Image.BILINEAR)) for f in files[:: max(1, len(files) // batch)][:batch]]
     while len(imgs) < batch:
         imgs.append(imgs[len(imgs) % len(files)].flip(-1))
     return rgb_to_lab(torch.stack(imgs))[:, 1:].contiguous()

@@ -120,9 +120,10 @@ def main():
                 yield rgb
 
     ours_iter = ours_batches()
+    weights_dev = weights.to(device)
     # warm-up both
     reference_step(model_ref, opt_ref, next(ref_iter), nbrs, weights, Q)
-    ours_step(model_ours, opt_ours, next(ours_iter), enc, weights.to(device), device, device.type == "cuda")
+    ours_step(model_ours, opt_ours, next(ours_iter), enc, weights_dev, device, device.type == "cuda")
     res = {"reference": [], "crosschannel": []}
     for r in range(args.rounds):
         t = time.perf_counter()
@@ -131,7 +132,7 @@ def main():
         res["reference"].append(args.steps * args.batch / (time.perf_counter() - t))
         t = time.perf_counter()
         for _ in range(args.steps):
-            ours_step(model_ours, opt_ours, next(ours_iter), enc, weights.to(device), device, device.type == "cuda")
+            ours_step(model_ours, opt_ours, next(ours_iter), enc, weights_dev, device, device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.synchronize()
         res["crosschannel"].append(args.steps * args.batch / (time.perf_counter() - t))
