@@ -118,8 +118,9 @@ def build_cache(folder: str | Path, key: str, encoder, pooler, dataset, batch_si
     """Reuse ``folder`` if its ``meta.json`` carries ``key``; otherwise extract (sharded over ranks) and write it."""
     folder = Path(folder)
     meta_path = folder / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-        log.info("feature cache %s: reusing (%d samples)", folder, json.loads(meta_path.read_text())["n"])
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("key") == key:
+        log.info("feature cache %s: reusing (%d samples)", folder, meta["n"])
         return FeatureCache(folder, pooler.taps)
     n = len(dataset)
     if rank == 0:
