@@ -311,10 +311,20 @@ def test_browser_session_report_equals_answers(folders, tmp_path):
                 assert f"the {fake_side} photo had fake colours" in text
                 drv.find_element("id", "continue").click()
         code = drv.find_element("id", "code").text
+        session_s = time.time() - t_start
+        # the same browser: a plain reload of the page shows this participant's end; a link for someone else starts
+        # at the intro; coming back with the same ID gives the same (finished) session, never a second one
+        drv.get(f"http://127.0.0.1:{srv.port}/")
+        assert _wait_state(drv, ("done",)) and drv.find_element("id", "code").text == code
+        drv.get(f"http://127.0.0.1:{srv.port}/?participant=script-2")
+        _wait_state(drv, ("intro",))
+        drv.get(f"http://127.0.0.1:{srv.port}/?participant=script-1")
+        _wait_state(drv, ("intro",))
+        drv.find_element("id", "start").click()
+        assert _wait_state(drv, ("done",)) and drv.find_element("id", "code").text == code
     finally:
         drv.quit()
         srv.stop()
-    session_s = time.time() - t_start
     assert len(code) == 8 and reloaded
     # the session as the script saw it: the paper's protocol
     test = [e for e in script.log if e["phase"] == "test"]

@@ -38,8 +38,9 @@
   function remember(sid) {
     try { localStorage.setItem(KEY, sid); } catch (e) { /* private mode: the URL still has it */ }
     const u = new URL(location.href);
-    if (u.searchParams.get("session") !== sid) {
+    if (u.searchParams.get("session") !== sid || u.searchParams.has("new")) {
       u.searchParams.set("session", sid);
+      u.searchParams.delete("new");
       history.replaceState(null, "", u);
     }
   }
@@ -190,7 +191,12 @@
   async function init() {
     const params = new URLSearchParams(location.search);
     let sid = params.get("session");
-    try { sid = sid || localStorage.getItem(KEY); } catch (e) { /* ignore */ }
+    // A link with ?participant=ID (or ?new) is someone arriving, perhaps on a browser that served someone else: the
+    // server resumes sessions by participant ID, so only the URL's own ?session= is trusted then, not localStorage.
+    if (!sid && !params.has("participant") && !params.has("new")) {
+      try { sid = localStorage.getItem(KEY); } catch (e) { /* ignore */ }
+    }
+    if (!sid && params.has("new")) forget();
     $("participant").value = params.get("participant") || "";
     $("start").onclick = start;
     $("begin-test").onclick = () => { breakSeen = true; runTrial(current.trial); };
