@@ -46,6 +46,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from .color import lab_to_rgb, rgb_to_lab
+from .data import UnreadableImage, list_images, pil_to_tensor, read_image
 from .runtime import UserError, log
 from .turing_store import (
     DISPLAY_MS,
@@ -78,8 +80,6 @@ def image_key(path: Path, root: Path) -> str:
 
 def index_folder(folder: str | Path) -> dict[str, Path]:
     """Map matching names to image files in ``folder`` (recursive); refuse two files that share a name."""
-    from .data import list_images
-
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
@@ -184,9 +184,6 @@ def square(img: Image.Image, size: int, like: tuple[int, int] | None = None) -> 
 def random_colors(photo: Image.Image, donor: Image.Image) -> Image.Image:
     """The sentinel fake: the photo's lightness L with the ab colours of another photo (the paper's "Random"
     baseline, "copies the colors from a random image"); both are ``size`` x ``size`` already."""
-    from .color import lab_to_rgb, rgb_to_lab
-    from .data import pil_to_tensor
-
     lab = rgb_to_lab(pil_to_tensor(photo))
     lab[1:] = rgb_to_lab(pil_to_tensor(donor))[1:]
     rgb = lab_to_rgb(lab).mul(255.0).round().byte().permute(1, 2, 0).numpy()
@@ -260,17 +257,15 @@ class Experiment:
             raise Conflict(f"this session tests '{algorithm}', which this server does not serve (restart it with that --fake)")
         if trial["image"] not in self.names or (trial["donor"] is not None and trial["donor"] not in self.names):
             raise Conflict(f"photo '{trial['image']}' of this session is not in the folders this server serves")
-        if side != trial["fake_side"]:
-            return self._render("real", trial["image"], None)
-        if trial["kind"] == "sentinel":
-            return self._render("sentinel", trial["image"], trial["donor"])
-        return self._render(algorithm, trial["image"], None)
+        source = "real" if side != trial["fake_side"] else "sentinel" if trial["kind"] == "sentinel" else algorithm
+        try:
+            return self._render(source, trial["image"], trial["donor"] if source == "sentinel" else None, session["size"])
+        except UnreadableImage as e:
+            log.error("cannot serve a pair of session %s: %s", session["id"][:8], e)
+            raise HTTPError(500, "an image of this pair cannot be read (the server's log names it)") from None
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one Experiment per process; bounded
-    def _render(self, source: str, name: str, donor: str | None) -> bytes:
-        from .data import read_image
-
-        size = self.proto.size
+    def _render(self, source: str, name: str, donor: str | None, size: int) -> bytes:
         photo = read_image(self.maps["real"][name])
         if source == "real":
             return png_bytes(square(photo, size))

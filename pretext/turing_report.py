@@ -193,12 +193,12 @@ def plot_labeled_real(r: dict, path: Path) -> None:
     ax.barh(y, [r["algorithms"][n]["labeled_real"] for n in names], xerr=[r["algorithms"][n]["se"] for n in names],
             color="#4c72b0", capsize=4)
     ax.axvline(50, color="k", ls="--", lw=1)
-    ax.text(50, len(names) - 0.4 if names else 0.5, " ground truth (50%)", va="bottom", fontsize=8)
+    ax.text(50, 1.0, "ground truth", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlim(0, 60)
     ax.set_xlabel("Labeled Real (%)  ± bootstrap s.e.")
-    ax.set_title("Colorization Turing test (Zhang et al. 2016, Table 1)", fontsize=10)
+    ax.set_title("Colorization Turing test (Zhang et al. 2016, Table 1)", fontsize=10, pad=14)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -236,9 +236,10 @@ def plot_fig6(name: str, a: dict, fake_dir: str | None, path: Path, top: int = 6
     imgs = a["images"]
     ends = imgs[:top] + [d for d in imgs[-top:] if d not in imgs[:top]]
     thumbs = _thumbnails([d["image"] for d in ends], fake_dir)
-    rows = 2 if thumbs else 1
-    fig = plt.figure(figsize=(max(6.0, 0.9 * len(ends)), 3.0 + 1.6 * (rows - 1)))
-    ax = fig.add_subplot(rows, 1, 1)
+    n = max(1, len(ends))
+    fig = plt.figure(figsize=(max(6.0, 0.9 * n), 4.4 if thumbs else 3.0))
+    grid = fig.add_gridspec(2 if thumbs else 1, n, height_ratios=[2.4, 1] if thumbs else [1])
+    ax = fig.add_subplot(grid[0, :])
     ax.bar(np.arange(len(imgs)), [d["rate"] for d in imgs], color="#4c72b0", width=0.85)
     ax.axhline(50, color="k", ls="--", lw=1)
     ax.set_ylim(0, 100)
@@ -246,15 +247,14 @@ def plot_fig6(name: str, a: dict, fake_dir: str | None, path: Path, top: int = 6
     ax.set_xticks([])
     ax.set_xlabel(f"{len(imgs)} photos, sorted by how often the colorization fooled")
     ax.set_ylabel("Labeled Real (%)")
-    ax.set_title(f"{name}: {a['labeled_real']:.1f}% ± {a['se']:.1f} over {a['test_pairs']} pairs (Zhang et al. Fig. 6)",
-                 fontsize=10)
-    if thumbs:
-        for i, d in enumerate(ends):
-            tax = fig.add_subplot(rows, len(ends), len(ends) + i + 1)
-            tax.axis("off")
-            if d["image"] in thumbs:
-                tax.imshow(np.asarray(thumbs[d["image"]]))
-            tax.set_title(f"{d['rate']:.0f}% ({d['fooled']}/{d['shown']})", fontsize=7)
+    ax.set_title(f"{name}: {_fmt(a['labeled_real'])}% ± {_fmt(a['se'])} over {a['test_pairs']} pairs "
+                 "(Zhang et al. Fig. 6)", fontsize=10)
+    for i, d in enumerate(ends if thumbs else []):
+        tax = fig.add_subplot(grid[1, i])
+        tax.axis("off")
+        if d["image"] in thumbs:
+            tax.imshow(np.asarray(thumbs[d["image"]]))
+        tax.set_title(f"{d['rate']:.0f}% ({d['fooled']}/{d['shown']})", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

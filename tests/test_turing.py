@@ -532,6 +532,24 @@ def test_images_served_are_the_photo_and_its_fake_cropped_alike(small_server):
     assert seen == {"algorithm", "sentinel"}
 
 
+def test_photo_broken_after_start_is_a_clear_500(small_folders, tmp_path):
+    real, fake, _ = small_folders
+    mine = tmp_path / "real"
+    shutil.copytree(real, mine)
+    exp = Experiment(mine, [("hue", fake)], tmp_path / "t.sqlite", Protocol(n_practice=1, n_test=4), seed=0)
+    srv = Running(exp)
+    try:
+        sid = srv.request("POST", "/api/sessions", {})[1]["session"]
+        name = plan_rows(exp.store.path, sid)[0]["image"]
+        broken = index_folder(mine)[name]
+        broken.write_bytes(broken.read_bytes()[:300])  # truncated after the server checked it
+        status, err = srv.request("GET", f"/api/sessions/{sid}/trials/0/left")
+        assert status == 500 and "cannot be read" in err["error"]
+        assert srv.request("GET", f"/api/sessions/{sid}")[0] == 200  # the server goes on
+    finally:
+        srv.stop()
+
+
 def test_killed_server_loses_nothing_and_resumes(small_folders, tmp_path):
     real, fake, _ = small_folders
     db = tmp_path / "t.sqlite"
