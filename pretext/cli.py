@@ -15,6 +15,8 @@ COMMANDS = {
     "probe": ("linear_probe.train", "per-layer linear probes on a frozen encoder"),
     "probe-compare": ("linear_probe.compare", "overlay per-layer accuracy of several probe runs"),
     "svm": ("linear_probe.svm", "VOC07 linear SVM benchmark"),
+    "turing-test": ("pretext.turing", "serve the colorization Turing test (real vs fake, in the browser)"),
+    "turing-report": ("pretext.turing_report", "fooling rate per algorithm from a turing-test database"),
 }
 
 
