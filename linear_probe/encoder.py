@@ -1,5 +1,9 @@
 """The frozen encoder of a probe: a colorization checkpoint, a random init, or a supervised ceiling.
 
+A colorization model with a transfer export (the cross-channel AlexNet) is probed, by default, in the geometry
+transfer uses (``geometry='transfer'``: BatchNorm folded, pool5 max 3/2, as the released linear test's net);
+``geometry='pretext'`` probes the pretext network itself.
+
 Colorization encoders see only L (computed on the device from the RGB batch with ``pretext.color.rgb_to_l``);
 supervised torchvision/timm models see ImageNet-normalised RGB. Taps are read with forward hooks and the
 forward pass stops as soon as the last requested tap has been computed (no fc6/fc7 work for conv taps).
