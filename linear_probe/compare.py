@@ -87,7 +87,7 @@ def _draw_references(ax, order: list[str], rows: list[dict], metric: str) -> Non
         for r in rs:
             if r["setting"] not in order:
                 ax.axhline(r["value"], linestyle="--", color="0.55", linewidth=1,
-                           label=f"published: {method} ({r['setting']})")
+                           label=f"published: {method}, {r['setting']}")
 
 
 def plot_runs(runs: list[dict], path: str | Path, metric: str = "top1", title: str | None = None,
