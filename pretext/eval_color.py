@@ -189,8 +189,9 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
         gamut: how RGB is formed ('clip': Lab -> sRGB clipped, as the release; 'chroma': chroma fitting).
         random_from: training images for the random baseline (None: another test image).
     Returns:
-        dict with 'model', 'gray', 'random' (auc, auc_rebal, psnr, rmse, mse, cmf, cmf_rebal; plus top1/top5
-        with a classifier), 'ground_truth', 'num_images', 'failed', 'skipped_grey', 'prior_source', 'images'.
+        dict with 'model', 'gray', 'random' (auc, auc_rebal, auc_trapz, auc_rebal_trapz, psnr, rmse, mse, cmf,
+        cmf_rebal; plus top1/top5 with a classifier), 'ground_truth', 'num_images', 'failed', 'skipped_grey',
+        'prior_source', 'random_source', 'auc_integration', 'gamut', 'published', 'images' (with 'random_from').
     """
     device = torch.device(device)
     model = model.eval().to(device)
