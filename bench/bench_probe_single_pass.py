@@ -36,7 +36,7 @@ def one_run(cfg, encoder, taps, device, early_stop=True) -> float:
     train_tf, val_tf = train.build_transforms(cfg)
     ds, _, classes = train.get_dataset(cfg, train_tf, val_tf)
     all_shapes = encoder.tap_shapes(cfg.crop)
-    shapes = {t: all_shapes[t][0] for t in taps}
+    shapes = {t: all_shapes[t] for t in taps}
     heads = ProbeHeads(shapes, len(classes), cfg.pool, cfg.max_dims, cfg.seed).to(device)
     opt = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     torch.manual_seed(0)

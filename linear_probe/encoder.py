@@ -1,5 +1,9 @@
 """The frozen encoder of a probe: a colorization checkpoint, a random init, or a supervised ceiling.
 
+A colorization model with a transfer export (the cross-channel AlexNet) is probed, by default, in the geometry
+transfer uses (``geometry='transfer'``: BatchNorm folded, pool5 max 3/2, as the released linear test's net);
+``geometry='pretext'`` probes the pretext network itself.
+
 Colorization encoders see only L (computed on the device from the RGB batch with ``pretext.color.rgb_to_l``);
 supervised torchvision/timm models see ImageNet-normalised RGB. Taps are read with forward hooks and the
 forward pass stops as soon as the last requested tap has been computed (no fc6/fc7 work for conv taps).
@@ -18,8 +22,12 @@ import torch
 import torch.nn as nn
 
 from pretext.color import rgb_to_l
+from pretext.models.alexnet_cc import export_alexnet_transfer
 from pretext.runtime import UserError, load_checkpoint, load_config
 
+GEOMETRIES = ("transfer", "pretext")
+# pretext model name -> its transfer network (same weights, standard geometry)
+TRANSFER_EXPORTS = {"alexnet_cc": export_alexnet_transfer}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -168,9 +176,21 @@ def _load_weights(model: nn.Module, path: str) -> None:
         raise UserError(f"{p}: weights do not match the model ({str(e).splitlines()[0][:300]})") from None
 
 
+def to_geometry(model: nn.Module, name: str, geometry: str) -> tuple[nn.Module, str]:
+    """The network whose taps are probed: ``transfer`` turns a pretext model that has a transfer export (the
+    cross-channel AlexNet: BatchNorm folded, pool5 max 3/2 as in the released feature_learning_tests/linear net)
+    into that network; ``pretext`` keeps the pretext network. Returns (model, geometry actually used)."""
+    if geometry not in GEOMETRIES:
+        raise UserError(f"geometry must be one of {GEOMETRIES}, got '{geometry}'")
+    export = TRANSFER_EXPORTS.get(name)
+    if geometry == "pretext" or export is None:
+        return model, "pretext"
+    return export(model.eval()), "transfer"
+
+
 def build_encoder(taps: list[str] | None, checkpoint: str | None = None, random_init: str | None = None,
                   supervised: str | None = None, model_kwargs: dict | None = None,
-                  seed: int = 0) -> tuple[FrozenEncoder, EncoderSpec]:
+                  seed: int = 0, geometry: str = "transfer") -> tuple[FrozenEncoder, EncoderSpec]:
     """Build the frozen encoder from exactly one source.
 
     Args:
@@ -179,6 +199,8 @@ def build_encoder(taps: list[str] | None, checkpoint: str | None = None, random_
         random_init: a registry model name, built with ``model_kwargs`` from seed ``seed``.
         supervised: ``NAME[:WEIGHTS]`` (torchvision) or ``timm:NAME[:WEIGHTS]``; WEIGHTS is a state-dict file
             (no downloads). Without WEIGHTS the model is randomly initialised (for tests only).
+        geometry: for colorization encoders, ``transfer`` (default: the network transfer uses, see
+            :func:`to_geometry`) or ``pretext``.
     """
     from pretext.models import create_model, model_from_checkpoint
 
@@ -206,6 +228,7 @@ def build_encoder(taps: list[str] | None, checkpoint: str | None = None, random_
         spec = EncoderSpec("random", random_init, "", f"random init ({random_init})", {"model_kwargs": model_kwargs or {}})
     else:
         return _build_supervised(supervised, taps, seed)
+    model, spec.extra["geometry"] = to_geometry(model, spec.name, geometry)
     available = {t: t for t in _default_taps(model)}
     return FrozenEncoder(model, _resolve_taps(taps or list(available), available, spec.name), "L"), spec
 

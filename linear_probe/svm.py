@@ -1,13 +1,22 @@
-"""VOC07 linear SVM benchmark on frozen features (Goyal et al. ICCV19, "Scaling and Benchmarking Self-Supervised
-Visual Representation Learning"; the VISSL implementation).
+"""VOC07 linear SVM benchmark on frozen features, as Goyal et al. ICCV19 ("Scaling and Benchmarking Self-Supervised
+Visual Representation Learning") release it in facebookresearch/fair_self_supervision_benchmark.
 
-    crosschannel svm -c configs/svm/voc07_alexnet_cc_conv5.yaml --checkpoint runs/pretext/checkpoint.pth
+    crosschannel svm -c configs/svm/voc07_alexnet_cc.yaml --checkpoint runs/pretext/checkpoint.pth
 
-Features of one tap (pooled to <= ``max_dims`` as for the linear probes) on trainval and test, L2-normalised
-per image. One ``LinearSVC`` per class (squared hinge, L2 penalty, class_weight {1: 2, -1: 1}); its cost is picked
-from ``costs`` by ``cv_folds``-fold cross-validation of AP on trainval, then refit on all of trainval. Difficult-only
-images are negatives in training and excluded at test time. Outputs ``results.json`` and ``results.md`` (per-class
-AP and mAP) in ``out_dir``.
+The protocol (see PROVENANCE.md for the files):
+
+* features: the whole image resized to 227 x 227 (shorter side to 256, then the whole image to 227 x 227; no crop),
+  every tap average-pooled with a fixed kernel / stride (AlexNet: conv1 19/4 -> 10x10x96, conv2 12/3 -> 6x6x256,
+  conv3 and conv4 9/1 -> 5x5x384, conv5 8/1 -> 6x6x256), each image's vector divided by (its L2 norm + 1e-5);
+* per class and cost, a ``LinearSVC`` (squared hinge, L2, C = cost, class_weight {1: 2, -1: 1}, tol 1e-4, dual,
+  2000 iterations) scored by unshuffled 3-fold cross-validation with scikit-learn's ``average_precision``; the cost
+  with the highest mean (the first in the cost list on ties) is refit on all of trainval;
+* costs 1e-7, 1e-6, ..., 10, 100 and 0.5^4, ..., 0.5^19 (26 values, in that order);
+* difficult-only images are negatives in training and left out of that class's test AP; the test AP is their
+  area under the precision/recall curve with the precision made monotone (:func:`goyal_ap`).
+
+An unreadable image is skipped and counted (with any number of loader workers). Outputs ``results.json`` and
+``results.md`` (per tap: pooled shape and pooling, mAP, per-class AP; published figures beside ours).
 """
 from __future__ import annotations
 
@@ -21,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from pretext.data import UnreadableImage, eval_transform, read_image
+from pretext.data import UnreadableImage, eval_transform, pil_to_tensor, read_image
 from pretext.runtime import (
     UserError,
     add_config_args,
@@ -35,10 +45,19 @@ from pretext.runtime import (
     setup_logging,
 )
 
-from .cache import Indexed, extract_pooled
+from .cache import pool_features
+from .compare import pooling_label
 from .encoder import add_encoder_args, build_encoder, fingerprint, load_encoder_config
 from .heads import TapPools
 from .voc import AP_TYPES, VOC_CLASSES, average_precision, load_voc_split
+
+# tools/svm/svm_helper.py parse_cost_list(): the costs given on the command line (GETTING_STARTED.md) + 0.5^4..0.5^19
+GOYAL_COSTS = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0] + [0.5 ** k for k in range(4, 20)]
+# configs/benchmark_tasks/image_classification/voc07/alexnet_colorization_extract_features.yaml EXTRACT_BLOBS and
+# self_supervision_benchmark/modeling/colorization/alexnet_colorize_finetune_linear.py AveragePool (kernel, stride)
+GOYAL_POOLING = {"conv1": [19, 4], "conv2": [12, 3], "conv3": [9, 1], "conv4": [9, 1], "conv5": [8, 1]}
+SVM_AP_TYPES = ("goyal", *AP_TYPES)
+RESIZE_MODES = ("whole", "center_crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +68,7 @@ class SVMConfig:
     supervised: str = ""
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     label: str = ""
+    geometry: str = "transfer"  #: transfer (alexnet_cc -> standard AlexNet) | pretext
     # data: VOCdevkit/, VOCdevkit/VOC2007/ or a folder with JPEGImages/ + Annotations/
     data: str = ""
     train_split: str = "trainval"
@@ -56,136 +76,226 @@ class SVMConfig:
     classes: list[str] = dataclasses.field(default_factory=lambda: list(VOC_CLASSES))
     fallback_split: str = "random"  #: without ImageSets/Main: random (seeded split) | all (train = test, smoke test)
     fallback_test_fraction: float = 0.5
-    crop: int = 227
-    resize: int = 256
+    resize_mode: str = "whole"  #: whole (Goyal et al.: scale, then the whole image to crop x crop) | center_crop
+    resize: int = 256  #: shorter side first scaled to this
+    crop: int = 227  #: final size (whole: the whole image; center_crop: the crop)
     # features
-    tap: str = "conv5"
-    pool: str = "avg"  #: avg | bilinear, to <= max_dims (conv5 of AlexNet at 227: 6x6x256 = 9216)
-    max_dims: int = 10000
+    taps: list[str] = dataclasses.field(default_factory=lambda: list(GOYAL_POOLING))
+    pool: str = "fixed"  #: fixed (pool_kernels) | avg (Fig. 7 rule) | bilinear | adaptive
+    pool_kernels: dict = dataclasses.field(default_factory=lambda: dict(GOYAL_POOLING))  #: tap -> [kernel, stride]
+    max_dims: int = 10000  #: for pool avg / bilinear / adaptive
     # SVMs
-    costs: list[float] = dataclasses.field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0])
+    costs: list[float] = dataclasses.field(default_factory=lambda: list(GOYAL_COSTS))
     cv_folds: int = 3
-    ap: str = "area"  #: area (VOC2010+ devkit; Goyal et al. / VISSL code) | voc07_11pt (VOC2007 devkit)
+    ap: str = "goyal"  #: goyal (their test AP) | area (VOC2010+ devkit) | voc07_11pt (VOC2007 devkit)
     pos_weight: float = 2.0  #: class_weight {1: pos_weight, -1: 1}
     max_iter: int = 2000
-    dual: str = "auto"  #: auto | true | false (LinearSVC dual)
-    n_jobs: int = 1  #: classes trained in parallel
+    tol: float = 1e-4
+    dual: str = "true"  #: true (theirs) | false | auto (LinearSVC dual)
+    n_jobs: int = 1  #: (tap, class) SVMs trained in parallel
     # runtime
     batch_size: int = 64
     workers: int = 4
     amp: str = "auto"
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  #: LinearSVC random_state (theirs is unset) and the fallback split
     out_dir: str = "runs/svm"
     progress: bool = True
 
 
+# --------------------------------------------------------------------------------------------- images
+def resize_whole(rgb: torch.Tensor, scale: int = 256, size: int = 227) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size): the shorter side to ``scale`` (the longer one floored), then the whole image
+    to ``size`` x ``size``; both bilinear without antialiasing (OpenCV ``INTER_LINEAR``, as their
+    ``data_transformation.scale`` and ``global_resize``)."""
+    x = rgb[None].float()
+    h, w = x.shape[-2:]
+    if not ((w <= h and w == scale) or (h <= w and h == scale)):
+        nh, nw = (math.floor(h / w * scale), scale) if w < h else (scale, math.floor(w / h * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)[0]
+
+
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths, transform):
-        self.paths, self.transform = list(paths), transform
+    """(image, ok, index, reason): an unreadable file gives a zero image, ok False and the reason (in any worker)."""
+
+    def __init__(self, paths, cfg: SVMConfig):
+        self.paths = list(paths)
+        self.mode, self.resize, self.crop = cfg.resize_mode, cfg.resize, cfg.crop
+        self.center = eval_transform(cfg.crop, cfg.resize) if cfg.resize_mode == "center_crop" else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return self.transform(read_image(self.paths[i])), 0
-        except UnreadableImage as e:  # one line naming the file; the run goes on without this image's features
-            raise UserError(f"{e} (remove it from the VOC split or fix the file)") from None
+            img = read_image(self.paths[i])
+        except UnreadableImage as e:
+            return torch.zeros(3, self.crop, self.crop), False, i, e.reason
+        x = self.center(img) if self.center is not None else resize_whole(pil_to_tensor(img), self.resize, self.crop)
+        return x, True, i, ""
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+def extract_features(encoder, pooler: TapPools, paths, cfg: SVMConfig, device) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Pooled float32 features of every tap, a mask of the readable images, and 'path: reason' of the others."""
+    from tqdm import tqdm
+
+    n = len(paths)
+    feats = {t: np.zeros((n, d), np.float32) for t, d in pooler.dims.items()}
+    ok = np.zeros(n, bool)
+    failed: list[str] = []
+    loader = torch.utils.data.DataLoader(_Images(paths, cfg), batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         shuffle=False, pin_memory=device.type == "cuda")
+    amp = autocast_dtype(cfg.amp, device)
+    for x, good, idx, reason in tqdm(loader, desc="features", disable=not cfg.progress, leave=False):
+        for j in (~good).nonzero().flatten().tolist():
+            failed.append(f"{paths[int(idx[j])]}: {reason[j]}")
+            log.warning("skipped %s: %s", paths[int(idx[j])], reason[j])
+        if not bool(good.any()):
+            continue
+        pooled = pool_features(encoder, pooler, x[good].to(device, non_blocking=True), amp)
+        rows = idx[good].numpy()
+        for t, v in pooled.items():
+            feats[t][rows] = v.float().cpu().numpy()
+        ok[rows] = True
+    return feats, ok, failed
+
+
+# --------------------------------------------------------------------------------------------- SVMs
+def normalize_features(x: np.ndarray) -> np.ndarray:
+    """float64 rows divided by (their L2 norm + 1e-5) (svm_helper.normalize_features)."""
+    x = np.asarray(x, np.float64)
+    return x / (np.linalg.norm(x, axis=1) + 1e-5)[:, None]
+
+
+def goyal_ap(scores, labels) -> float:
+    """Their test AP (svm_helper.get_precision_recall + calculate_ap): images ranked by ``argsort(scores)``
+    reversed; precision/recall after each; precision made non-increasing from the right; AP = sum over the recall
+    steps of (step) * precision. ``labels``: > 0 positive, anything else negative (drop ignored images first)."""
+    scores = np.asarray(scores, np.float64)
+    pos = (np.asarray(labels) > 0).astype(np.float64)
+    order = np.argsort(scores)[::-1]
+    tp = np.cumsum(pos[order])
+    fp = np.cumsum(1.0 - pos[order])
+    prec = tp / (tp + fp)
+    rec = tp / pos.sum()
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
 
 
 def _svc(cost: float, cfg: SVMConfig):
     from sklearn.svm import LinearSVC
 
     dual = {"auto": "auto", "true": True, "false": False}[cfg.dual.lower()]
-    return LinearSVC(C=cost, class_weight={1: cfg.pos_weight, -1: 1}, penalty="l2", loss="squared_hinge",
-                     max_iter=cfg.max_iter, dual=dual, random_state=cfg.seed)
+    return LinearSVC(C=cost, class_weight={1: cfg.pos_weight, -1: 1}, intercept_scaling=1.0, penalty="l2",
+                     loss="squared_hinge", tol=cfg.tol, dual=dual, max_iter=cfg.max_iter, random_state=cfg.seed)
+
+
+def ap_on_test(scores, labels, kind: str) -> float:
+    """AP of one class on the test set; ``labels`` in {1, 0 (difficult-only: left out), -1}."""
+    labels = np.asarray(labels)
+    keep = labels != 0
+    if kind == "goyal":
+        return goyal_ap(np.asarray(scores)[keep], labels[keep])
+    return average_precision(scores, labels, kind)
 
 
 def train_class(X: np.ndarray, labels: np.ndarray, X_test: np.ndarray, labels_test: np.ndarray, cfg: SVMConfig) -> dict:
-    """One class: pick the cost by cross-validated AP, refit on all training data, AP on the test set.
+    """One class: cross-validated AP of every cost, refit of the best on all training data, AP on the test set.
 
     Args:
-        X, X_test: (N, D) L2-normalised features.
+        X, X_test: (N, D) normalised features (:func:`normalize_features`).
         labels, labels_test: (N,) in {1, 0 (difficult-only), -1}.
     """
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import cross_val_score
 
-    y = np.where(labels == 1, 1, -1)  # difficult-only images are negatives in training (Goyal et al.)
+    y = np.where(labels == 1, 1, -1)  # difficult-only images are negatives in training
     npos, nneg = int((y == 1).sum()), int((y == -1).sum())
     rec = {"n_pos_train": npos, "n_pos_test": int((labels_test == 1).sum()),
            "n_difficult_test": int((labels_test == 0).sum()), "cost": None, "cv_ap": None, "ap": math.nan, "note": ""}
     if npos == 0 or nneg == 0:
         rec["note"] = "no positives in training" if npos == 0 else "no negatives in training"
         return rec
-    n_unconverged = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        folds = min(cfg.cv_folds, npos, nneg)
-        if folds >= 2:
-            skf = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)
-            cv = {}
-            for c in cfg.costs:
-                aps = []
-                for tr, va in skf.split(X, y):
-                    clf = _svc(c, cfg).fit(X[tr], y[tr])
-                    aps.append(average_precision(clf.decision_function(X[va]), y[va], cfg.ap))
-                cv[c] = float(np.mean(aps))
-            best = max(cfg.costs, key=lambda c: (cv[c], -c))  # ties: the smaller cost
-            rec["cv_ap"] = {str(c): v for c, v in cv.items()}
+        if min(npos, nneg) >= cfg.cv_folds >= 2:
+            # an integer cv with a classifier is StratifiedKFold(cv_folds) without shuffling, as theirs
+            cv = [float(cross_val_score(_svc(c, cfg), X, y, cv=cfg.cv_folds, scoring="average_precision").mean())
+                  for c in cfg.costs]
+            best = cfg.costs[int(np.argmax(cv))]  # the first of the best in list order (np.argmax, theirs)
+            rec["cv_ap"] = {repr(float(c)): v for c, v in zip(cfg.costs, cv)}
         else:
             best = cfg.costs[len(cfg.costs) // 2]
             rec["note"] = f"too few positives/negatives for {cfg.cv_folds}-fold CV: cost {best} without CV"
         clf = _svc(best, cfg).fit(X, y)
-        n_unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-    rec["cost"] = best
-    if n_unconverged:
-        rec["unconverged_fits"] = n_unconverged
+    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    rec["cost"] = float(best)
+    if unconverged:
+        rec["unconverged_fits"] = unconverged
     if rec["n_pos_test"] == 0:
         rec["note"] = (rec["note"] + "; " if rec["note"] else "") + "no positives in test"
         return rec
-    rec["ap"] = average_precision(clf.decision_function(X_test), labels_test, cfg.ap)
+    rec["ap"] = ap_on_test(clf.decision_function(X_test), labels_test, cfg.ap)
     return rec
 
 
-def _features(encoder, pooler, paths, cfg: SVMConfig, device) -> np.ndarray:
-    ds = Indexed(_Images(paths, eval_transform(cfg.crop, cfg.resize)))
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers, shuffle=False,
-                                         pin_memory=device.type == "cuda")
-    feats, _ = extract_pooled(encoder, pooler, loader, device, autocast_dtype(cfg.amp, device), progress=cfg.progress,
-                              desc="features")
-    return l2_normalize(feats[cfg.tap])
+# --------------------------------------------------------------------------------------------- outputs
+def published_rows() -> list[dict]:
+    from pretext.published import published
+
+    return published("voc07_svm")
 
 
 def write_results(out_dir: Path, results: dict) -> None:
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
+    taps = list(results["taps"])
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
     lines = [f"# VOC07 linear SVM: {results['label']}", "",
-             f"tap {results['tap']} ({results['dims']} dims, L2-normalised), AP {results['ap_type']}, "
-             f"{results['num_train']} train / {results['num_test']} test images", "",
-             "| class | AP | cost | pos train | pos test |", "|---|---|---|---|---|"]
-    for c, r in results["classes"].items():
-        ap = "n/a" if r["ap"] is None else f"{100 * r['ap']:.2f}"
-        lines.append(f"| {c} | {ap} | {r['cost'] if r['cost'] is not None else '-'} | {r['n_pos_train']} | {r['n_pos_test']} |")
-    m = results["mAP"]
-    lines.append(f"| **mAP** ({results['num_evaluated']} classes) | {'n/a' if m is None else f'{100 * m:.2f}'} | | | |")
+             f"{results['num_train']} train / {results['num_test']} test images ({results['resize_mode']} resize to "
+             f"{results['crop']}), AP {results['ap_type']}, {len(results['costs'])} costs, {results['cv_folds']}-fold CV",
+             "", "| tap | activation | pooling | pooled (h x w x C) | dims | mAP (%) |", "|---|---|---|---|---|---|"]
+    for t, r in results["taps"].items():
+        c, h, w = r["pooled_shape"]
+        lines.append(f"| {t} | {'x'.join(map(str, r['shape']))} | {pooling_label(r['pooling'])} | {h}x{w}x{c} | "
+                     f"{r['dims']} | {pct(r['mAP'])} ({r['num_evaluated']} classes) |")
+    lines += ["", "AP (%) per class:", "", "| class | " + " | ".join(taps) + " |", "|---|" + "---|" * len(taps)]
+    for c in results["class_names"]:
+        lines.append(f"| {c} | " + " | ".join(pct(results["taps"][t]["classes"][c]["ap"]) for t in taps) + " |")
+    lines += ["", "Published figures (pretext/data/published.tsv, benchmark `voc07_svm`):", ""]
+    if results["published"]:
+        lines += ["| method | setting | metric | value | source |", "|---|---|---|---|---|"]
+        lines += [f"| {p['method']} | {p['setting']} | {p['metric']} | {p['value']:.2f} | {p['source']} |"
+                  for p in results["published"]]
+    else:
+        lines.append("none in the table (see PROVENANCE.md for the figures that could not be verified).")
     if results["notes"]:
         lines += ["", *[f"- {n}" for n in results["notes"]]]
     atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
 
 
-def main(args) -> int:
-    cfg = load_encoder_config(SVMConfig, args)
-    if cfg.ap not in AP_TYPES:
-        raise UserError(f"ap must be one of {AP_TYPES}, got '{cfg.ap}'")
+# --------------------------------------------------------------------------------------------- main
+def _check(cfg: SVMConfig) -> None:
+    if cfg.ap not in SVM_AP_TYPES:
+        raise UserError(f"ap must be one of {SVM_AP_TYPES}, got '{cfg.ap}'")
     if cfg.dual.lower() not in ("auto", "true", "false"):
         raise UserError(f"dual must be auto, true or false; got '{cfg.dual}'")
+    if cfg.resize_mode not in RESIZE_MODES:
+        raise UserError(f"resize_mode must be one of {RESIZE_MODES}, got '{cfg.resize_mode}'")
+    if not cfg.taps:
+        raise UserError("taps: give at least one tap")
+    if not cfg.costs or any(c <= 0 for c in cfg.costs):
+        raise UserError(f"costs must be positive, got {list(cfg.costs)}")
     if not cfg.data:
         raise UserError("no data: set 'data' to a VOCdevkit / VOC2007 folder")
+
+
+def main(args) -> int:
+    cfg = load_encoder_config(SVMConfig, args)
+    _check(cfg)
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir)
     save_config(cfg, out_dir)
@@ -198,40 +308,59 @@ def main(args) -> int:
     te_paths, te_labels, te_note = load_voc_split(cfg.data, cfg.test_split, **split_kw)
 
     device = select_device(cfg.device)
-    encoder, spec = build_encoder([cfg.tap], cfg.checkpoint or None, cfg.random_init or None, cfg.supervised or None,
-                                  dict(cfg.model_kwargs), cfg.seed)
+    encoder, spec = build_encoder(list(cfg.taps), cfg.checkpoint or None, cfg.random_init or None,
+                                  cfg.supervised or None, dict(cfg.model_kwargs), cfg.seed, cfg.geometry)
     encoder.to(device)
-    chs = encoder.tap_shapes(cfg.crop)[cfg.tap][0]
-    pooler = TapPools({cfg.tap: chs}, cfg.pool, cfg.max_dims)
-    log.info("encoder %s, tap %s -> %d dims; %d train (%s) / %d test (%s) images", spec.label, cfg.tap,
-             pooler.dims[cfg.tap], len(tr_paths), tr_note, len(te_paths), te_note)
-    X, X_test = (_features(encoder, pooler, p, cfg, device) for p in (tr_paths, te_paths))
+    shapes = encoder.tap_shapes(cfg.crop)
+    try:
+        pooler = TapPools(shapes, cfg.pool, cfg.max_dims, {t: tuple(v) for t, v in cfg.pool_kernels.items()})
+    except ValueError as e:
+        raise UserError(f"{e} (set pool_kernels.TAP=[kernel,stride] or another pool)") from None
+    pooling = pooler.describe()
+    log.info("encoder %s; %d train (%s) / %d test (%s) images", spec.label, len(tr_paths), tr_note, len(te_paths), te_note)
+    for t in pooler.taps:
+        log.info("  tap %-6s %-12s %-18s -> %d dims", t, "x".join(map(str, shapes[t])), pooling_label(pooling[t]),
+                 pooler.dims[t])
+    (F_tr, ok_tr, bad_tr), (F_te, ok_te, bad_te) = (extract_features(encoder, pooler, p, cfg, device)
+                                                      for p in (tr_paths, te_paths))
+    if not ok_tr.any() or not ok_te.any():
+        raise UserError(f"{cfg.data}: no readable image in the {'train' if not ok_tr.any() else 'test'} split")
+    tr_labels, te_labels = tr_labels[ok_tr], te_labels[ok_te]
     t_feat = time.time() - t0
 
     from joblib import Parallel, delayed
 
-    recs = Parallel(n_jobs=cfg.n_jobs)(delayed(train_class)(X, tr_labels[:, c], X_test, te_labels[:, c], cfg)
-                                       for c in range(len(classes)))
-    per_class = {}
-    for name, r in zip(classes, recs):
-        r = dict(r)
-        r["ap"] = None if math.isnan(r["ap"]) else r["ap"]
-        per_class[name] = r
-        log.info("  %-12s AP %s  cost %s  %s", name, "n/a" if r["ap"] is None else f"{100 * r['ap']:.2f}", r["cost"], r["note"])
-    aps = [r["ap"] for r in per_class.values() if r["ap"] is not None]
+    jobs = [(t, c) for t in pooler.taps for c in range(len(classes))]
+    X = {t: normalize_features(F_tr[t][ok_tr]) for t in pooler.taps}
+    X_te = {t: normalize_features(F_te[t][ok_te]) for t in pooler.taps}
+    recs = Parallel(n_jobs=cfg.n_jobs)(delayed(train_class)(X[t], tr_labels[:, c], X_te[t], te_labels[:, c], cfg)
+                                       for t, c in jobs)
+    per_tap: dict[str, dict] = {}
+    for (t, c), r in zip(jobs, recs):
+        r = dict(r, ap=None if math.isnan(r["ap"]) else r["ap"])
+        per_tap.setdefault(t, {})[classes[c]] = r
+    taps_out = {}
+    for t in pooler.taps:
+        aps = [r["ap"] for r in per_tap[t].values() if r["ap"] is not None]
+        taps_out[t] = {"shape": list(shapes[t]), "pooled_shape": pooling[t]["out"], "pooling": pooling[t],
+                       "dims": pooler.dims[t], "mAP": float(np.mean(aps)) if aps else None, "num_evaluated": len(aps),
+                       "classes": per_tap[t]}
+        log.info("  %-6s mAP %s over %d classes", t, "n/a" if not aps else f"{100 * np.mean(aps):.2f}", len(aps))
     notes = sorted({n for n in (tr_note, te_note) if not n.startswith("ImageSets")})
-    skipped = [c for c, r in per_class.items() if r["ap"] is None]
+    skipped = sorted({c for t in taps_out for c, r in per_tap[t].items() if r["ap"] is None})
     if skipped:
-        notes.append(f"mAP over {len(aps)} of {len(classes)} classes; no AP for {', '.join(skipped)} "
-                     "(no positives in training or in test)")
+        notes.append(f"no AP for {', '.join(skipped)} (no positives in training or in test); mAP over the others")
+    if bad_tr or bad_te:
+        notes.append(f"skipped {len(bad_tr) + len(bad_te)} unreadable image(s): {len(bad_tr)} train, {len(bad_te)} test")
     results = {"label": cfg.label or spec.label, "encoder": dataclasses.asdict(spec), "encoder_fingerprint": fingerprint(encoder),
-               "tap": cfg.tap, "dims": pooler.dims[cfg.tap], "pool": cfg.pool, "ap_type": cfg.ap, "costs": list(cfg.costs),
-               "num_train": len(tr_paths), "num_test": len(te_paths), "mAP": float(np.mean(aps)) if aps else None,
-               "num_evaluated": len(aps), "classes": per_class, "notes": notes,
+               "geometry": spec.extra.get("geometry", "pretext"), "resize_mode": cfg.resize_mode, "crop": cfg.crop,
+               "ap_type": cfg.ap, "costs": list(cfg.costs), "cv_folds": cfg.cv_folds,
+               "num_train": int(ok_tr.sum()), "num_test": int(ok_te.sum()), "class_names": list(classes),
+               "skipped_unreadable": {"train": bad_tr, "test": bad_te}, "taps": taps_out, "notes": notes,
+               "published": published_rows(),
                "seconds": {"features": round(t_feat, 1), "total": round(time.time() - t0, 1)}}
     write_results(out_dir, results)
-    log.info("mAP %s over %d classes (%s); %s", "n/a" if not aps else f"{100 * np.mean(aps):.2f}", len(aps), cfg.ap,
-             out_dir / "results.md")
+    log.info("results: %s", out_dir / "results.md")
     return 0
 
 

@@ -4,9 +4,13 @@
     python -m linear_probe.train --config configs/probe/quick_gcompris.yaml --random-init alexnet_cc
     torchrun --nproc_per_node=8 -m linear_probe.train --config configs/probe/alexnet_cc_in1k_avgpool.yaml --checkpoint ...
 
-Every tap named by the config is pooled to at most ``max_dims`` features and gets a BatchNorm (no affine) +
-linear head; all heads train in one pass of the frozen encoder per batch. The encoder stays in eval mode and is
-checked to be bit-identical after training. Outputs in ``out_dir``: ``results.json``, ``results.md``,
+Every tap named by the config is pooled below ``max_dims`` features (``linear_probe.heads``: by default average
+pooling with kernel = stride, Zhang et al. Fig. 7) and gets a BatchNorm (no affine) + linear head; all heads train
+in one pass of the frozen encoder per batch. A cross-channel AlexNet is probed in the geometry transfer uses
+(BatchNorm folded, pool5 max 3/2: ``pretext.models.alexnet_cc.export_alexnet_transfer``). The encoder stays in eval
+mode and is checked to be bit-identical after training. The default solver is the released linear test's
+(richzhang/colorization:feature_learning_tests/linear/solver.prototxt, see PROVENANCE.md). Outputs in ``out_dir``:
+``results.json`` (per tap: pooled shape and pooling), ``results.md`` (with published figures beside ours),
 ``accuracy_per_layer.png``, ``log.jsonl``, ``checkpoint.pth`` (heads, optimiser; ``--resume`` continues).
 """
 from __future__ import annotations
@@ -55,9 +59,11 @@ from .encoder import (
     load_encoder_config,
     snapshot,
 )
-from .heads import POOL_MODES, ProbeHeads, probe_loss, topk_correct
+from .compare import plot_runs, pooling_label, reference_rows, reference_table
+from .heads import ProbeHeads, probe_loss, topk_correct
 
-FORMAT = "crosschannel/probe-v1"
+FORMAT = "crosschannel/probe-v2"  # v2: pooling planned from the tap shapes (heads of v1 do not fit)
+PROBE_POOLS = ("avg", "bilinear", "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +86,21 @@ class ProbeConfig:
     workers: int = 4
     # probe
     taps: list[str] = dataclasses.field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5"])
-    pool: str = "avg"  #: avg (ECCV16 paper) | bilinear (reference README)
+    geometry: str = "transfer"  #: transfer (alexnet_cc -> standard AlexNet, pool5 max 3/2) | pretext
+    pool: str = "avg"  #: avg (Fig. 7: kernel = stride, below max_dims) | bilinear (released Resize) | adaptive
     max_dims: int = 10000
-    # optimisation (paper: SGD momentum 0.9, lr 0.01, wd 5e-4, step decay; 28 epochs / x0.1 at 8,16,24: Goyal et al.)
+    head_init: str = "zeros"  #: zeros (released prototxt: Caffe default filler) | normal (std 0.01)
+    # optimisation: the released linear test (feature_learning_tests/linear/solver.prototxt): SGD lr 0.01,
+    # momentum 0.9, wd 5e-4, x0.1 every 40k of 140k iterations at 4 x 64 = 256 images, i.e. 28 epochs of
+    # ImageNet with steps at 8, 16, 24; biases: lr_mult 2, decay_mult 0 (train_val.prototxt)
     epochs: int = 28
     batch_size: int = 256  #: per process
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    bias_lr_mult: float = 2.0
+    bias_decay_mult: float = 0.0
     lr_steps: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 24])  #: epochs at which lr *= lr_gamma
     lr_gamma: float = 0.1
     # runtime
@@ -237,17 +249,19 @@ def evaluate(encoder, heads, source, device, amp_dtype, cached: bool, progress: 
 
 # --------------------------------------------------------------------------------------------- outputs
 def write_results(out_dir: Path, results: dict) -> None:
-    from .compare import plot_runs
-
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
     lines = [f"# Linear probe: {results['label']}", "",
              f"{results['num_classes']} classes, {results['num_train']} train / {results['num_val']} val images, "
-             f"{results['epochs']} epochs, pool {results['pool']}, max_dims {results['max_dims']}", "",
-             "| tap | pooled | dims | top-1 | top-5 |", "|---|---|---|---|---|"]
+             f"{results['epochs']} epochs, {results.get('geometry', 'pretext')} geometry, pool {results['pool']}, "
+             f"max_dims {results['max_dims']}", "",
+             "| tap | activation | pooling | pooled (h x w x C) | dims | top-1 | top-5 |", "|---|---|---|---|---|---|---|"]
     for r in results["taps"]:
-        lines.append(f"| {r['tap']} | {r['side']}x{r['side']}x{r['channels']} | {r['dims']} | {r['top1']:.2f} | {r['top5']:.2f} |")
+        c, h, w = r["pooled_shape"]
+        lines.append(f"| {r['tap']} | {'x'.join(map(str, r['shape']))} | {pooling_label(r['pooling'])} | {h}x{w}x{c} "
+                     f"| {r['dims']} | {r['top1']:.2f} | {r['top5']:.2f} |")
+    lines += ["", reference_table(results.get("num_classes"))]
     atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
-    plot_runs([results], out_dir / "accuracy_per_layer.png", metric="top1")
+    plot_runs([results], out_dir / "accuracy_per_layer.png", metric="top1", references=reference_rows())
 
 
 def checkpoint_path(cfg: ProbeConfig) -> Path:
@@ -268,32 +282,37 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
     out_dir = Path(cfg.out_dir)
     setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
     resume = resolve_resume(resume, checkpoint_path(cfg))
-    if cfg.pool not in POOL_MODES:
-        raise UserError(f"pool must be one of {POOL_MODES}, got '{cfg.pool}'")
+    if cfg.pool not in PROBE_POOLS:
+        raise UserError(f"pool must be one of {PROBE_POOLS}, got '{cfg.pool}'")
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir)
     seed_everything(cfg.seed)
 
     encoder, spec = build_encoder(list(cfg.taps) or None, cfg.checkpoint or None, cfg.random_init or None,
-                                  cfg.supervised or None, dict(cfg.model_kwargs), cfg.seed)
+                                  cfg.supervised or None, dict(cfg.model_kwargs), cfg.seed, cfg.geometry)
     encoder.to(device)
     shapes = encoder.tap_shapes(cfg.crop)
     train_tf, val_tf = build_transforms(cfg)
     if cfg.cache_features:
         train_tf = val_tf
     train_ds, val_ds, classes = get_dataset(cfg, train_tf, val_tf)
-    heads = ProbeHeads({t: s[0] for t, s in shapes.items()}, len(classes), cfg.pool, cfg.max_dims, cfg.seed).to(device)
+    try:
+        heads = ProbeHeads(shapes, len(classes), cfg.pool, cfg.max_dims, cfg.seed, cfg.head_init).to(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     enc_fp = fingerprint(encoder)
     before = snapshot(encoder)
     log.info("encoder: %s [%s], input %s, %d classes, %d train / %d val images, device %s, world %d",
              spec.label, enc_fp, encoder.input_mode, len(classes), len(train_ds), len(val_ds), device, dist_info.world_size)
+    pooling = heads.pooler.describe()
     for t in heads.taps:
-        log.info("  tap %-8s %-14s -> %dx%dx%d = %d dims", t, "x".join(map(str, shapes[t])), heads.sides[t],
-                 heads.sides[t], shapes[t][0], heads.dims[t])
+        c, h, w = pooling[t]["out"]
+        log.info("  tap %-8s %-14s %-22s -> %dx%dx%d = %d dims", t, "x".join(map(str, shapes[t])),
+                 pooling_label(pooling[t]), h, w, c, heads.dims[t])
 
-    optimizer = torch.optim.SGD(heads.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                nesterov=cfg.nesterov)
+    optimizer = torch.optim.SGD(heads.param_groups(cfg.lr, cfg.weight_decay, cfg.bias_lr_mult, cfg.bias_decay_mult),
+                                lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
     start_epoch, history = 0, []
     if resume:
@@ -317,7 +336,7 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
     train_cache = val_cache = None
     if cfg.cache_features:
         cache_dir = Path(cfg.cache_dir or out_dir / "cache")
-        common = dict(encoder=enc_fp, taps=heads.taps, sides=heads.sides, pool=cfg.pool, crop=cfg.crop, resize=cfg.resize)
+        common = dict(encoder=enc_fp, taps=heads.taps, pooling=pooling, crop=cfg.crop, resize=cfg.resize)
         train_cache, val_cache = (
             build_cache(cache_dir / name, cache_key(samples=_samples(ds), **common), encoder, heads.pooler, ds, cfg.batch_size,
                         cfg.workers, device, amp_dtype, rank, world, progress)
@@ -386,11 +405,11 @@ def _run(cfg: ProbeConfig, resume: Optional[str], dist_info: DistInfo, device: t
         results = {
             "label": cfg.label or spec.label, "encoder": dataclasses.asdict(spec), "encoder_fingerprint": enc_fp,
             "classes": classes, "num_classes": len(classes), "num_train": len(train_ds), "num_val": len(val_ds),
-            "epochs": cfg.epochs, "pool": cfg.pool, "max_dims": cfg.max_dims, "crop": cfg.crop,
-            "cache_features": cfg.cache_features, "world_size": world,
-            "taps": [{"tap": t, "channels": shapes[t][0], "side": heads.sides[t], "dims": heads.dims[t],
-                      "top1": metrics[t]["top1"], "top5": metrics[t]["top5"], "loss": metrics[t]["loss"]}
-                     for t in heads.taps],
+            "epochs": cfg.epochs, "geometry": spec.extra.get("geometry", "pretext"), "pool": cfg.pool,
+            "max_dims": cfg.max_dims, "crop": cfg.crop, "cache_features": cfg.cache_features, "world_size": world,
+            "taps": [{"tap": t, "shape": list(shapes[t]), "pooled_shape": pooling[t]["out"], "pooling": pooling[t],
+                      "dims": heads.dims[t], "top1": metrics[t]["top1"], "top5": metrics[t]["top5"],
+                      "loss": metrics[t]["loss"]} for t in heads.taps],
         }
         write_results(out_dir, results)
         log.info("results: %s", out_dir / "results.md")

@@ -7,11 +7,17 @@ Every colour image is desaturated (only its L is kept), colorized, and compared 
 * Larsson et al. 2016: PSNR of the 8-bit RGB result (peak 255), RMSE of ab (Lab units) and MSE of 8-bit RGB;
 * optionally the top-1/top-5 accuracy of a classifier on ground-truth, grey and recolorized images of an
   ImageNet-layout folder (Zhang's "VGG Top-1" column);
-* the same numbers for two baselines: all-gray (ab = 0) and random (ab of another image, deterministic
-  derangement with ``--seed``, resized to this image).
+* the same numbers for two baselines: all-gray (ab = 0) and random: as Zhang et al., the colours of a random
+  training image (``--random-from DIR``, seeded), else those of another test image (a seeded derangement); the
+  report says which. The random image's ab is resized to this image.
 
-Errors are measured at the full resolution of the image (after an optional ``--eval-size`` downscale); the
-network sees L resized to its input size. Each image weighs the same in the CMF (its pixels count 1 / (H W)).
+As the release (richzhang/colorization: ``train/readme`` evaluates at 256x256, ``colorizers/util.py`` +
+``demo_release.py``): every model sees L resized to 256 x 256 (``--size``), its ab prediction is resized bilinearly
+to the image and joined to the image's own L, and the RGB result (PSNR, MSE, classifier input, pictures) is Lab ->
+sRGB with R, G, B clipped (``--gamut clip``; ``chroma`` keeps L exactly, as ``crosschannel colorize`` does). Errors
+are measured at the full resolution of the image (after an optional ``--eval-size`` downscale). Each image weighs
+the same in the CMF (its pixels count 1 / (H W)). AuC is the mean of the CMF over t = 0..150; the trapezoid rule
+/ 150 is also in the report, and in its table where the two differ by more than 0.1.
 Grey images are skipped (they have no colour to recover) and counted; unreadable ones are listed as failed.
 Writes ``report.json`` (all numbers, curves, per-image scores), ``report.md`` (the papers' table), ``cmf.png``
 (error CMF curves, model vs baselines) and ``best_worst.png`` (ground truth / grey / colorized).
@@ -36,11 +42,13 @@ from tqdm import tqdm
 
 from .color import rgb_to_lab
 from .data import DecodedImages, is_grey, list_images, pil_to_tensor, read_image, resize_shorter
+from .data import UnreadableImage
 from .encoding import SoftEncoder, gaussian_smooth_prior, load_bins
 from .metrics import (
     MAX_THRESHOLD,
     ab_l2_error,
     auc_from_cmf,
+    auc_trapezoid_from_cmf,
     cmf_from_histogram,
     error_bins,
     mean_finite_aware,
@@ -51,9 +59,13 @@ from .metrics import (
     topk_correct,
 )
 from .predict import compose_rgb, predict_ab_lowres, resize_l, to_uint8
+from .published import published
 from .runtime import UserError, atomic_write_text, log, select_device, setup_logging
 
 METHODS = ("model", "gray", "random")
+NETWORK_SIZE = 256  #: network input of every model (richzhang/colorization train/readme: "full 256x256 resolution")
+AUC_SHOW_BOTH = 0.1  #: the table shows the trapezoid AuC too where it differs from the mean by more than this
+PUBLISHED_BENCHMARK = "eval_color"
 NT = MAX_THRESHOLD + 2  # histogram bins: ceil(err) = 0..150 and overflow
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,6 +98,25 @@ def _decode_eval(path, size: int, eval_size: int = 0):
     lab = rgb_to_lab(rgb)
     L = lab[:1]
     return dict(rgb8=to_uint8(rgb), L=L, ab=lab[1:], x=resize_l(L[None], size)[0]), None
+
+
+def _decode_random_ab(candidates, eval_size: int = 0):
+    """ab (2, H, W) of the first readable image among ``candidates`` (the random baseline's training image)."""
+    for p in candidates:
+        try:
+            img = read_image(p)
+        except UnreadableImage:
+            continue
+        if eval_size and min(img.size) > eval_size:
+            img = resize_shorter(img, eval_size)
+        return dict(ab=rgb_to_lab(pil_to_tensor(img))[1:], path=str(p)), None
+    return None, "no readable training image"
+
+
+def random_training_picks(n: int, num_train: int, seed: int = 0, tries: int = 5) -> list[list[int]]:
+    """For each of ``n`` test images, a seeded random training index and the next ``tries - 1`` as fallbacks."""
+    first = torch.randint(num_train, (n,), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [[(r + m) % num_train for m in range(min(tries, num_train))] for r in first]
 
 
 def _thumb(rgb8: torch.Tensor, h: int = 160) -> torch.Tensor:
@@ -127,23 +158,26 @@ class _Scores:
 
     def summary(self, prior: torch.Tensor) -> dict:
         if not self.per_image:
-            return dict(auc=math.nan, auc_rebal=math.nan, psnr=math.nan, rmse=math.nan, mse=math.nan, cmf=[], cmf_rebal=[])
+            return dict(auc=math.nan, auc_rebal=math.nan, auc_trapz=math.nan, auc_rebal_trapz=math.nan, psnr=math.nan,
+                        rmse=math.nan, mse=math.nan, cmf=[], cmf_rebal=[])
         cmf = cmf_from_histogram(self.hist.sum(0))
         cmf_r = rebalanced_cmf(self.hist, prior)
         vals = list(self.per_image.values())
-        return dict(auc=auc_from_cmf(cmf), auc_rebal=auc_from_cmf(cmf_r),
+        return dict(auc=auc_from_cmf(cmf), auc_rebal=auc_from_cmf(cmf_r), auc_trapz=auc_trapezoid_from_cmf(cmf),
+                    auc_rebal_trapz=auc_trapezoid_from_cmf(cmf_r),
                     psnr=mean_finite_aware(v["psnr"] for v in vals), rmse=float(np.mean([v["rmse"] for v in vals])),
                     mse=float(np.mean([v["mse"] for v in vals])), cmf=cmf.tolist(), cmf_rebal=cmf_r.tolist())
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, paths: Sequence[str | os.PathLike],
-             prior_probs: torch.Tensor | None, size: int = 256, out_dir: str | os.PathLike | None = None,
+             prior_probs: torch.Tensor | None, size: int = NETWORK_SIZE, out_dir: str | os.PathLike | None = None,
              T: float = 0.38, device: str | torch.device = "cpu", *, prior_bins: torch.Tensor | None = None,
              prior_source: str | None = None, eval_size: int = 0, batch_size: int = 8, workers: int = 0, seed: int = 0,
              classifier: torch.nn.Module | None = None, labels: Sequence[int | None] | None = None,
-             autocast_dtype: torch.dtype | None = None, gamut: str = "chroma", channels_last: bool = False,
-             num_show: int = 4, progress: bool = False, name: str = "model") -> dict:
+             autocast_dtype: torch.dtype | None = None, gamut: str = "clip", channels_last: bool = False,
+             num_show: int = 4, progress: bool = False, name: str = "model",
+             random_from: Sequence[str | os.PathLike] | None = None) -> dict:
     """Evaluate a colorizer on image files against the all-gray and random baselines (see the module docstring).
 
     Args:
@@ -152,9 +186,12 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
             AuC; None computes it from the evaluated images (their ground-truth ab, Gaussian-smoothed).
         size: network input size. eval_size: downscale images whose shorter side exceeds it (0: full size).
         classifier / labels: optional classifier (ImageNet-normalised 224 input) and per-path class indices.
+        gamut: how RGB is formed ('clip': Lab -> sRGB clipped, as the release; 'chroma': chroma fitting).
+        random_from: training images for the random baseline (None: another test image).
     Returns:
-        dict with 'model', 'gray', 'random' (auc, auc_rebal, psnr, rmse, mse, cmf, cmf_rebal; plus top1/top5
-        with a classifier), 'ground_truth', 'num_images', 'failed', 'skipped_grey', 'prior_source', 'images'.
+        dict with 'model', 'gray', 'random' (auc, auc_rebal, auc_trapz, auc_rebal_trapz, psnr, rmse, mse, cmf,
+        cmf_rebal; plus top1/top5 with a classifier), 'ground_truth', 'num_images', 'failed', 'skipped_grey',
+        'prior_source', 'random_source', 'auc_integration', 'gamut', 'published', 'images' (with 'random_from').
     """
     device = torch.device(device)
     model = model.eval().to(device)
@@ -175,14 +212,23 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
     acc = {m: {1: 0, 5: 0} for m in ("ground_truth", "gray", "model")}
     n_labelled = 0
     keep: list[tuple[float, str, list[torch.Tensor]]] = []  # (AuC, path, thumbnails) of the best/worst so far
-    first = prev = None  # (index, L, ab, q, rgb8) of the first usable image, and the previous one's ab
+    first = prev = prev_i = None  # (index, L, ab, q, rgb8) of the first usable image; the previous one's ab, index
 
     if classifier is not None:
         classifier = classifier.eval().to(device)
     decoded = DecodedImages([paths[i] for i in order], functools.partial(_decode_eval, size=size, eval_size=eval_size))
     loader = torch.utils.data.DataLoader(decoded, batch_size=max(1, batch_size), num_workers=workers, collate_fn=list)
+    rand_batches = iter(())
+    if random_from:
+        train = [Path(p) for p in random_from]
+        picks = random_training_picks(n, len(train), seed)
+        rand = DecodedImages([tuple(train[k] for k in picks[i]) for i in order],
+                             functools.partial(_decode_random_ab, eval_size=eval_size))
+        rand_batches = iter(torch.utils.data.DataLoader(rand, batch_size=max(1, batch_size), num_workers=workers,
+                                                        collate_fn=list))
     bar = tqdm(total=n, unit="img", desc="eval-color", disable=not progress)
     for batch in loader:
+        rand_ab = {j: item for j, item, _ in next(rand_batches, [])}
         ok = []
         for j, item, reason in batch:
             i = order[j]
@@ -192,7 +238,7 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
                 failed.append(f"{paths[i]}: {reason}")
                 log.warning("skipped %s: %s", paths[i], reason)
             else:
-                ok.append((i, item))
+                ok.append((i, dict(item, random=rand_ab.get(j))))
         bar.update(len(batch))
         if not ok:
             continue
@@ -206,13 +252,21 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
             ab = F.interpolate(ab_low[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0]
             out8 = scores["model"].add(i, q, L, gt_ab, gt8, ab, gamut)
             gray8 = scores["gray"].add(i, q, L, gt_ab, gt8, torch.zeros_like(gt_ab), gamut)
-            if prev is None:
+            random_path = None
+            if random_from:
+                if it["random"] is not None:
+                    random_path = it["random"]["path"]
+                    rand = F.interpolate(it["random"]["ab"][None], size=(H, W), mode="bilinear", align_corners=False)[0]
+                    scores["random"].add(i, q, L, gt_ab, gt8, rand, gamut)
+            elif prev is None:
                 first = (i, L, gt_ab, q, gt8)
             else:
+                random_path = str(paths[prev_i])
                 rand = F.interpolate(prev[None], size=(H, W), mode="bilinear", align_corners=False)[0]
                 scores["random"].add(i, q, L, gt_ab, gt8, rand, gamut)
-            prev = gt_ab
-            images[i] = dict(path=str(paths[i]), size=[W, H], **{m: scores[m].per_image.get(i) for m in ("model", "gray")})
+            prev, prev_i = gt_ab, i
+            images[i] = dict(path=str(paths[i]), size=[W, H], random_from=random_path,
+                             **{m: scores[m].per_image.get(i) for m in ("model", "gray")})
             if classifier is not None and labels is not None and labels[i] is not None:
                 xs = torch.stack([_classifier_input(v) for v in (gt8, gray8, out8)]).to(device)
                 logits = classifier(xs).float().cpu()
@@ -227,10 +281,11 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
                 keep.sort(key=lambda r: r[0])
                 keep = keep[:num_show] + keep[-num_show:]
     bar.close()
-    if first is not None and prev is not None and len(scores["model"].per_image) >= 2:
+    if not random_from and first is not None and prev is not None and len(scores["model"].per_image) >= 2:
         i, L, gt_ab, q, gt8 = first  # close the cycle: the first image takes the last one's ab
         rand = F.interpolate(prev[None], size=tuple(L.shape[-2:]), mode="bilinear", align_corners=False)[0]
         scores["random"].add(i, q, L, gt_ab, gt8, rand, gamut)
+        images[i]["random_from"] = str(paths[prev_i])
     n_ok = len(scores["model"].per_image)
     if n_ok == 0:
         raise UserError(f"no colour images to evaluate ({len(failed)} unreadable, {len(grey)} grey of {n})")
@@ -244,15 +299,20 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
         prior = torch.as_tensor(prior_probs, dtype=torch.float64)
         prior_source = prior_source or "given"
     result = {m: scores[m].summary(prior) for m in METHODS}
-    result["ground_truth"] = dict(auc=100.0, auc_rebal=100.0, psnr=math.inf, rmse=0.0, mse=0.0)
+    result["ground_truth"] = dict(auc=100.0, auc_rebal=100.0, auc_trapz=100.0, auc_rebal_trapz=100.0, psnr=math.inf,
+                                  rmse=0.0, mse=0.0)
     if classifier is not None:
         for m in ("ground_truth", "gray", "model"):
             result[m]["top1"] = 100.0 * acc[m][1] / max(1, n_labelled)
             result[m]["top5"] = 100.0 * acc[m][5] / max(1, n_labelled)
         result["num_labelled"] = n_labelled
+    random_source = (f"the colours of a random training image ({len(random_from)} in --random-from, seed {seed})"
+                     if random_from else f"the colours of another test image (seeded derangement, seed {seed})")
     result.update(name=name, num_images=n_ok, failed=failed, skipped_grey=grey, prior_source=prior_source,
-                  size=size, eval_size=eval_size, temperature=T, seed=seed,
-                  images=[images[i] for i in sorted(images)])
+                  size=size, eval_size=eval_size, temperature=T, seed=seed, gamut=gamut, random_source=random_source,
+                  auc_integration="mean of the CMF at t = 0, 1, ..., 150 (151 samples) x 100; auc_trapz: trapezoid "
+                                  "rule over [0, 150] / 150 x 100",
+                  published=published(PUBLISHED_BENCHMARK), images=[images[i] for i in sorted(images)])
     if out_dir is not None:
         keep.sort(key=lambda r: r[0])
         best = keep[::-1][:num_show]
@@ -281,32 +341,70 @@ def _fmt(v, nd=2) -> str:
     return f"{v:.{nd}f}"
 
 
+def _auc_differs(r: dict) -> bool:
+    """Whether the mean-of-CMF and trapezoid AuCs of any row differ by more than :data:`AUC_SHOW_BOTH`."""
+    for key in METHODS:
+        m = r[key]
+        for a, b in (("auc", "auc_trapz"), ("auc_rebal", "auc_rebal_trapz")):
+            if m.get(b) is not None and not math.isnan(m[a]) and abs(m[a] - m[b]) > AUC_SHOW_BOTH:
+                return True
+    return False
+
+
+def published_table(rows: list[dict]) -> str:
+    """Published figures of this protocol (``pretext/data/published.tsv``) as Markdown."""
+    head = f"Published figures (pretext/data/published.tsv, benchmark `{PUBLISHED_BENCHMARK}`):"
+    if not rows:
+        return head + " none in the table (see PROVENANCE.md for the figures that could not be verified)."
+    lines = [head, "", "| method | setting | metric | value | source |", "|---|---|---|---|---|"]
+    lines += [f"| {p['method']} | {p['setting']} | {p['metric']} | {p['value']:.2f} | {p['source']} |" for p in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(r: dict) -> str:
-    """The papers' table: Zhang et al. Table 1 columns plus Larsson et al.'s PSNR / RMSE."""
+    """The papers' table: Zhang et al. Table 1 columns plus Larsson et al.'s PSNR / RMSE, published figures below."""
     cls = "top1" in r["model"]
-    head = "| Method | AuC non-rebal (%) | AuC rebal (%) | PSNR (dB) | RMSE (ab) | MSE (RGB, 8-bit) |"
-    sep = "|---|---:|---:|---:|---:|---:|"
+    both = _auc_differs(r)
+    head = "| Method | AuC non-rebal (%) | AuC rebal (%) |"
+    sep = "|---|---:|---:|"
+    if both:
+        head += " AuC non-rebal, trapezoid (%) | AuC rebal, trapezoid (%) |"
+        sep += "---:|---:|"
+    head += " PSNR (dB) | RMSE (ab) | MSE (RGB, 8-bit) |"
+    sep += "---:|---:|---:|"
     if cls:
         head += " Top-1 (%) | Top-5 (%) |"
         sep += "---:|---:|"
     rows = [head, sep]
-    for key, label in (("ground_truth", "Ground truth"), ("gray", "Gray (ab = 0)"), ("random", "Random (ab of another image)"),
+    from_train = "random training image" in r.get("random_source", "")
+    for key, label in (("ground_truth", "Ground truth"), ("gray", "Gray (ab = 0)"),
+                       ("random", f"Random (ab of {'a random training' if from_train else 'another test'} image)"),
                        ("model", f"Ours ({r.get('name', 'model')})")):
         m = r[key]
-        row = (f"| {label} | {_fmt(m['auc'])} | {_fmt(m['auc_rebal'])} | {_fmt(m['psnr'])} | {_fmt(m['rmse'])} "
-               f"| {_fmt(m['mse'], 1)} |")
+        row = f"| {label} | {_fmt(m['auc'])} | {_fmt(m['auc_rebal'])} |"
+        if both:
+            row += f" {_fmt(m.get('auc_trapz'))} | {_fmt(m.get('auc_rebal_trapz'))} |"
+        row += f" {_fmt(m['psnr'])} | {_fmt(m['rmse'])} | {_fmt(m['mse'], 1)} |"
         if cls:
             row += f" {_fmt(m.get('top1'), 1)} | {_fmt(m.get('top5'), 1)} |"
         rows.append(row)
+    decoding = ("Lab -> sRGB with R, G, B clipped, as the release" if r.get("gamut", "clip") == "clip"
+                else "Lab -> sRGB with chroma reduced into the gamut (L kept)")
     notes = [f"{r['num_images']} colour images ({len(r['skipped_grey'])} grey skipped, {len(r['failed'])} unreadable); "
-             f"network input {r['size']}x{r['size']}, T = {r['temperature']}, errors at "
+             f"network input {r['size']}x{r['size']} (L resized), prediction resized to the image, T = "
+             f"{r['temperature']}, errors at "
              + (f"shorter side <= {r['eval_size']} px." if r["eval_size"] else "full resolution."),
+             f"RGB (PSNR, MSE, classifier, pictures): {decoding}.",
+             f"Random baseline: {r.get('random_source', 'another test image')}.",
              f"Rebalanced AuC prior: {r['prior_source']}.",
-             "AuC: area under the CMF of per-pixel ab L2 error, thresholds 0..150, normalised to 100 (Zhang et al. 2016). "
+             "AuC: area under the CMF of per-pixel ab L2 error, thresholds 0..150, normalised to 100 (Zhang et al. 2016), "
+             "integrated as the mean of the CMF at t = 0, 1, ..., 150"
+             + ("; the trapezoid rule / 150 differs by more than 0.1 here and is shown beside it." if both else
+                " (the trapezoid rule / 150 is within 0.1 here; both are in report.json)."),
              "PSNR: 8-bit RGB, peak 255, mean over images; RMSE: ab in Lab units (Larsson et al. 2016)."]
     if cls:
         notes.append(f"Classifier accuracy over {r['num_labelled']} labelled images.")
-    return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+    return ("\n".join(rows) + "\n\n" + "\n".join(notes) + "\n\n" + published_table(r.get("published", [])) + "\n")
 
 
 def write_report(r: dict, out_dir: Path, best, worst) -> None:
@@ -410,7 +508,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", help="image folder(s), files, globs or list files")
     p.add_argument("-o", "--output", default="eval_color", help="report folder")
     p.add_argument("--prior", default=None, help="prior file from 'crosschannel prior' (default: the checkpoint's)")
-    p.add_argument("--size", type=int, default=None, help="network input size (default: the model's)")
+    p.add_argument("--size", type=int, default=NETWORK_SIZE,
+                   help=f"network input size, for every model (default {NETWORK_SIZE}, as the release evaluates)")
+    p.add_argument("--random-from", default=None, nargs="+", metavar="DIR",
+                   help="training images for the random baseline (default: another test image)")
     p.add_argument("--eval-size", type=int, default=0, help="downscale images to this shorter side first (0: full size)")
     p.add_argument("--temperature", type=float, default=0.38)
     p.add_argument("--max-images", type=int, default=0, help="evaluate at most N images (evenly spaced; 0: all)")
@@ -421,7 +522,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--gamut", choices=("chroma", "clip"), default="chroma", help="how colorized RGB images are formed")
+    p.add_argument("--gamut", choices=("clip", "chroma"), default="clip",
+                   help="how RGB is formed: clip (Lab -> sRGB clipped, as the release) or chroma (keeps L)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -452,11 +554,14 @@ def main(args) -> int:
         if not any(v is not None for v in labels):
             raise UserError(f"{' '.join(args.data)}: no ImageNet-layout class folders (DATA/<class>/<image>) "
                             "for the classifier")
-    r = evaluate(col.model, col.target, col.bins, paths, prior_probs, size=args.size or col.input_size, out_dir=args.output,
+    random_from = list_images(args.random_from) if args.random_from else None
+    if args.random_from and not random_from:
+        raise UserError(f"--random-from {' '.join(args.random_from)}: no images found")
+    r = evaluate(col.model, col.target, col.bins, paths, prior_probs, size=args.size, out_dir=args.output,
                  T=args.temperature, device=device, prior_bins=prior_bins, prior_source=source, eval_size=args.eval_size,
                  batch_size=args.batch_size, workers=args.workers, seed=args.seed, classifier=classifier, labels=labels,
                  autocast_dtype=AMP[args.amp], gamut=args.gamut, channels_last=col.channels_last,
-                 progress=not args.no_progress, name=col.name)
+                 progress=not args.no_progress, name=col.name, random_from=random_from)
     print(markdown_table(r))
     print(f"report -> {args.output}/report.md, report.json, cmf.png, best_worst.png")
     for f in r["failed"]:

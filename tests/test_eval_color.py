@@ -11,7 +11,15 @@ from PIL import Image
 from pretext.color import rgb_to_lab
 from pretext.data import pil_to_tensor, read_image
 from pretext.encoding import load_bins
-from pretext.eval_color import evaluate, folder_labels, get_args_parser, main
+from pretext.eval_color import (
+    NETWORK_SIZE,
+    evaluate,
+    folder_labels,
+    get_args_parser,
+    main,
+    markdown_table,
+    random_training_picks,
+)
 from pretext.metrics import ab_auc
 from pretext.models import create_model
 from pretext.runtime import run_entry
@@ -82,6 +90,87 @@ def test_random_baseline_by_hand(tiny, photos):
     b_on_a = F.interpolate(lb[None, 1:], size=la.shape[-2:], mode="bilinear", align_corners=False)[0]
     rec = {Path(im["path"]).name: im for im in r["images"]}
     assert rec[a.name]["random"]["auc"] == pytest.approx(ab_auc(b_on_a, la[1:]), abs=1e-6)
+    assert rec[a.name]["random_from"] == str(b) and rec[b.name]["random_from"] == str(a)
+    assert "another test image" in r["random_source"] and "Random (ab of another test image)" in markdown_table(r)
+
+
+def test_random_baseline_from_training_images(tiny, photos, tmp_path, shared_data):
+    """Zhang et al.'s random baseline: the colours of a random training image (seeded), resized to the test image;
+    an unreadable training image falls back to the next one."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    train = [bad, *sorted((shared_data / "photos" / "enlightenment").glob("*.jpg"))[:3]]
+    tests = photos[:3]
+    seed = next(s for s in range(50) if any(p[0] == 0 for p in random_training_picks(len(tests), len(train), s)))
+    picks = random_training_picks(len(tests), len(train), seed)
+    r = evaluate(tiny, "ab313", load_bins(), tests, None, size=SIZE, eval_size=EVAL, random_from=train, seed=seed)
+    assert "random training image" in r["random_source"] and "Random (ab of a random training image)" in markdown_table(r)
+    for i, im in enumerate(r["images"]):  # images are listed in path order, as ``tests``
+        expected = next(train[k] for k in picks[i] if train[k] != bad)
+        assert im["random_from"] == str(expected)
+        gt, src = _lab_at(im["path"], EVAL), _lab_at(expected, EVAL)
+        ab = F.interpolate(src[None, 1:], size=gt.shape[-2:], mode="bilinear", align_corners=False)[0]
+        assert im["random"]["auc"] == pytest.approx(ab_auc(ab, gt[1:]), abs=1e-6)
+    assert any(train[p[0]] == bad for p in picks)  # the fallback was exercised
+
+
+class _Recorder(torch.nn.Module):
+    """A colorizer that records the shape of every network input and predicts uniform logits at 1/4 resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, L):
+        self.shapes.append(tuple(L.shape))
+        return torch.zeros(L.shape[0], 313, L.shape[-2] // 4, L.shape[-1] // 4)
+
+
+def test_network_input_is_256_for_every_model(photos):
+    """The network sees L at 256x256 by default whatever the photo's size; ab is resized back to the photo."""
+    rec = _Recorder()
+    r = evaluate(rec, "ab313", load_bins(), photos[:2], None, eval_size=EVAL, batch_size=1)
+    assert NETWORK_SIZE == 256 and r["size"] == 256 and rec.shapes == [(1, 1, 256, 256)] * 2
+    # uniform logits: the annealed mean is the mean of the bins, everywhere in the photo (float32 softmax vs an
+    # exact mean: a few pixels may fall on the other side of an integer threshold)
+    const = load_bins().double().mean(0)
+    for im in r["images"]:
+        gt = _lab_at(im["path"], EVAL)
+        assert im["model"]["auc"] == pytest.approx(ab_auc(const.view(2, 1, 1).expand_as(gt[1:]), gt[1:]), abs=1e-3)
+    args = get_args_parser().parse_args(["--checkpoint", "c", "--data", "d"])
+    assert args.size == 256 and args.gamut == "clip"
+    assert "network input 256x256" in markdown_table(r) and "clipped, as the release" in markdown_table(r)
+
+
+def test_cli_uses_256_not_the_training_size(tiny, tmp_path, photos):
+    """A checkpoint trained at 64 px is still evaluated at 256 (every AlexNetCC forward is recorded)."""
+    from pretext.models.alexnet_cc import AlexNetCC
+
+    ck = tmp_path / "tiny.pt"
+    torch.save(dict(model_name="alexnet_cc", model_kwargs=dict(fc_dim=64), model=tiny.state_dict(), target="ab313",
+                    bins=load_bins(), prior=None, input_size=SIZE, config={}, step=0), ck)
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: seen.append(tuple(a[0].shape[-2:])) if isinstance(m, AlexNetCC) else None)
+    try:
+        rc = run_entry(main, get_args_parser(), ["--checkpoint", str(ck), "--data", str(photos[0]), "--eval-size",
+                                                 str(EVAL), "--workers", "0", "--no-progress", "-o", str(tmp_path / "r")])
+    finally:
+        hook.remove()
+    assert rc == 0 and seen and set(seen) == {(256, 256)}
+
+
+def test_table_shows_both_auc_integrations_when_they_differ(tiny, photos):
+    r = evaluate(tiny, "ab313", load_bins(), photos[:2], None, size=SIZE, eval_size=EVAL)
+    for m in ("model", "gray", "random"):
+        assert r[m]["auc_trapz"] - r[m]["auc"] == pytest.approx((2 * r[m]["auc"] / 100 - r[m]["cmf"][0] - r[m]["cmf"][-1]) / 3)
+    close = {k: dict(v) if isinstance(v, dict) else v for k, v in r.items()}
+    for m in ("model", "gray", "random"):
+        close[m]["auc_trapz"], close[m]["auc_rebal_trapz"] = close[m]["auc"] + 0.05, close[m]["auc_rebal"] - 0.05
+    assert "trapezoid (%)" not in markdown_table(close) and "within 0.1" in markdown_table(close)
+    close["gray"]["auc_rebal_trapz"] = close["gray"]["auc_rebal"] + 0.2
+    table = markdown_table(close)
+    assert "AuC rebal, trapezoid (%)" in table and "differs by more than 0.1" in table
 
 
 def test_cli_with_prior_and_classifier(tiny, tmp_path, shared_data, capsys):

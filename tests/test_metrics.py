@@ -67,6 +67,19 @@ def test_auc_equals_naive_sweep():
     assert M.ab_auc(pred, gt, w) == pytest.approx(100 * sum(naive) / 151)
 
 
+def test_auc_integrations_hand_computed():
+    """AuC as the mean of the CMF samples vs the trapezoid rule / max_t, on CMFs computed by hand."""
+    cmf = torch.tensor([0.2, 0.5, 1.0])  # thresholds 0, 1, 2
+    assert M.auc_from_cmf(cmf) == pytest.approx(100 * (0.2 + 0.5 + 1.0) / 3)  # 56.67
+    assert M.auc_trapezoid_from_cmf(cmf) == pytest.approx(100 * ((0.2 + 0.5) / 2 + (0.5 + 1.0) / 2) / 2)  # 55.0
+    # constant error 10 at thresholds 0..150: CMF 0 below 10, 1 from 10 on
+    step = (torch.arange(151) >= 10).double()
+    mean, trap = M.auc_from_cmf(step), M.auc_trapezoid_from_cmf(step)
+    assert mean == pytest.approx(100 * 141 / 151) and trap == pytest.approx(100 * 140.5 / 150)
+    assert trap - mean == pytest.approx((2 * mean / 100 - 0.0 - 1.0) / 3)  # the module docstring's difference (0.29)
+    assert M.auc_trapezoid_from_cmf(torch.ones(151)) == pytest.approx(100.0)
+
+
 def test_rebalanced_auc():
     # 9 pixels of a common colour predicted exactly, 1 pixel of a rare colour predicted far off
     hist = torch.zeros(2, M.MAX_THRESHOLD + 2, dtype=torch.float64)
