@@ -13,10 +13,28 @@ from pretext.data import is_grey, pil_to_tensor, read_image
 from pretext.runtime import load_checkpoint, read_jsonl
 from pretext.train import ShardedSampler
 
+REPO = Path(__file__).resolve().parents[1]
+
 # a tiny AlexNet without BatchNorm where exact cross-process equality is asserted (per-rank BN statistics are a
 # legitimate difference under DDP; SyncBatchNorm exists only on GPU)
 TINY = ["model=alexnet_cc", "model_kwargs.fc_dim=32", "size=96", "workers=0", "tensorboard=false",
-        "progress=false", "log_every=1", "lr=1e-3", "loss=ce", "image_every=0"]
+        "progress=false", "log_every=1", "lr=1e-3", "loss=ce", "image_every=0", "init=default", "crop=rrc"]
+
+# crash injection for the resume tests: the trainer itself has no hook; this wrapper kills the process (SIGKILL, as a
+# scheduler or the OOM killer would) when train_step is called for step FAULT_AT_STEP + 1, i.e. after that many steps
+_FAULT_WRAPPER = """
+import os, signal, sys
+import pretext.train as t
+from pretext.runtime import run_entry
+fault, calls, orig = int(os.environ["FAULT_AT_STEP"]), [0], t.train_step
+def train_step(*a, **k):
+    calls[0] += 1
+    if calls[0] == fault + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(*a, **k)
+t.train_step = train_step
+sys.exit(run_entry(t.main, t.get_args_parser()))
+"""
 
 
 def _colour_images(sample_dir: Path, n: int, dest: Path) -> Path:
@@ -29,9 +47,16 @@ def _colour_images(sample_dir: Path, n: int, dest: Path) -> Path:
     return dest
 
 
-def _train(args, env=None, nproc=1, check=True):
-    base = [sys.executable, "-m", "pretext.train"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pretext.train"]
+def _train(args, env=None, nproc=1, check=True, fault_at=0, tmp=None):
+    if fault_at:  # run the trainer through the crash-injecting wrapper
+        script = Path(tmp) / "fault_train.py"
+        script.write_text(_FAULT_WRAPPER)
+        env = {**(env or {}), "FAULT_AT_STEP": str(fault_at), "PYTHONPATH": str(REPO)}
+        entry = [str(script)]
+    else:
+        entry = ["-m", "pretext.train"]
+    base = [sys.executable, *entry] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
     cmd = base + [a for kv in args for a in ("--set", kv) if not kv.startswith("--")] + [a for a in args if a.startswith("--")]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
@@ -85,7 +110,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, sample_dir):
     data = _colour_images(sample_dir, 12, tmp_path / "data")
     common = [f"data={data}", "max_steps=7", "batch_size=4", "checkpoint_every=2", *TINY, "model_kwargs.norm=bn"]
     _train(common + [f"out_dir={tmp_path / 'full'}"])
-    crashed = _train(common + [f"out_dir={tmp_path / 'crash'}"], env={"CROSSCHANNEL_FAULT_AT_STEP": "5"}, check=False)
+    crashed = _train(common + [f"out_dir={tmp_path / 'crash'}"], fault_at=5, tmp=tmp_path, check=False)
     assert crashed.returncode == -9  # SIGKILL after step 5; last checkpoint is step 4
     assert load_checkpoint(tmp_path / "crash" / "checkpoint.pth")["step"] == 4
     _train(common + [f"out_dir={tmp_path / 'crash'}", "--resume"])
@@ -133,7 +158,7 @@ def test_every_network_and_loss_trains(tmp_path, sample_dir, model, kwargs, loss
     cfg = PretextConfig(data=[str(data)], model=model, model_kwargs=kwargs, loss=loss, points_per_image=points,
                         prior=str(tmp_path / "p.npz"), size=size, batch_size=2, max_steps=2, workers=0, lr=1e-4,
                         out_dir=str(tmp_path / "run"), tensorboard=False, progress=False, log_every=1, image_every=2,
-                        checkpoint_every=2)
+                        checkpoint_every=2, init="default", crop="rrc")
     assert run(cfg) == 0
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     net = model_from_checkpoint(ck).eval()
@@ -147,12 +172,21 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, sample_dir):
     from pretext.train import PretextConfig, run
 
     data = _colour_images(sample_dir, 10, tmp_path / "data")
+    # SGD: linear in the gradient. (Adam's first steps are ~lr * sign(gradient), which turns the summation-order noise
+    # of a near-zero gradient element into a full step; the released loss normalisation, a sum over pixels divided
+    # by the batch size, makes the accumulated gradient equal the large batch's exactly otherwise.)
     common = dict(data=[str(data)], model="alexnet_cc", model_kwargs={"fc_dim": 32, "norm": "none"}, size=96,
-                  loss="ce", max_steps=3, workers=0, lr=1e-3, tensorboard=False, progress=False, image_every=0,
-                  checkpoint_every=100)
+                  loss="ce", max_steps=3, workers=0, optimizer="sgd", lr=1e-3, tensorboard=False, progress=False,
+                  image_every=0, checkpoint_every=100, init="default", crop="rrc")
     run(PretextConfig(**common, batch_size=4, accum_steps=1, out_dir=str(tmp_path / "big")))
     run(PretextConfig(**common, batch_size=2, accum_steps=2, out_dir=str(tmp_path / "accum")))
     a, b = _weights(tmp_path / "big"), _weights(tmp_path / "accum")
+    from pretext.models import create_model
+    from pretext.runtime import seed_everything
+
+    seed_everything(0)  # the trainer's initialisation: the weights moved by far more than the tolerance
+    init = create_model("alexnet_cc", out_dim=313, fc_dim=32, norm="none").state_dict()
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-2
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
 
@@ -163,11 +197,10 @@ def test_ddp_sigkill_then_resume_equals_uninterrupted(tmp_path, sample_dir):
     data = _colour_images(sample_dir, 8, tmp_path / "data")
     common = [f"data={data}", "max_steps=5", "batch_size=2", "checkpoint_every=2", "size=64", "workers=0",
               "tensorboard=false", "progress=false", "log_every=1", "lr=1e-3", "loss=ce", "image_every=0",
-              "model=vgg16_hypercolumn", "model_kwargs.width_mult=0.125", "model_kwargs.fc_dim=16",
+              "init=default", "crop=rrc", "model=vgg16_hypercolumn", "model_kwargs.width_mult=0.125", "model_kwargs.fc_dim=16",
               "model_kwargs.hidden=16", "model_kwargs.bn=false", "points_per_image=8"]
     _train(common + [f"out_dir={tmp_path / 'full'}"], nproc=2)
-    crashed = _train(common + [f"out_dir={tmp_path / 'crash'}"], nproc=2, env={"CROSSCHANNEL_FAULT_AT_STEP": "3"},
-                     check=False)
+    crashed = _train(common + [f"out_dir={tmp_path / 'crash'}"], nproc=2, fault_at=3, tmp=tmp_path, check=False)
     assert crashed.returncode != 0
     ck = load_checkpoint(tmp_path / "crash" / "checkpoint.pth")
     assert ck["step"] == 2 and len(ck["rng_per_rank"]) == 2
