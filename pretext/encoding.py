@@ -515,16 +515,15 @@ def subsample_ab(ab: torch.Tensor, stride: int, mode: str = "point") -> torch.Te
 
     ``mode="point"`` takes the pixels (stride * i, stride * j), as the release does (a 1x1 convolution with weight 1
     and stride 4 for the VGG net or 8 for the AlexNet, ``data_ab_ss`` in ``colorization_train_val_v2.prototxt`` and
-    ``train_alexnet/train_val.prototxt``). ``mode="area"`` averages ab over the grid's cells instead (an option: it
-    pulls colours at edges towards grey).
+    ``train_alexnet/train_val.prototxt``). ``mode="area"`` averages ab over the stride x stride cell whose corner is
+    that pixel instead (clipped at the image border; an option: it pulls colours at edges towards grey).
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     if mode == "point":
         return ab[..., ::stride, ::stride]
     if mode == "area":
-        size = (-(-ab.shape[-2] // stride), -(-ab.shape[-1] // stride))
-        return ab if stride == 1 else F.adaptive_avg_pool2d(ab, size)
+        return ab if stride == 1 else F.avg_pool2d(ab, stride, stride, ceil_mode=True)
     raise ValueError(f"target sampling must be 'point' or 'area', got {mode!r}")
 
 

@@ -217,3 +217,103 @@ def test_bad_model_and_intervals_are_one_line_errors(tmp_path, sample_dir):
                      ("log_every=0", "'log_every' must be > 0")):
         r = _train([f"data={data}", f"out_dir={tmp_path / bad.split('=')[0]}", *TINY, bad], check=False)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+
+
+# --------------------------------------------------------------------------------------------- the released recipes
+def _caffe_lr(solvers, it):
+    """Caffe's learning rate at iteration ``it`` for a chain of solvers, each (base_lr, policy, gamma, stepsize,
+    max_iter), a solver resuming at its predecessor's max_iter (train_alexnet/train_model.sh)."""
+    for base_lr, policy, gamma, stepsize, max_iter in solvers:
+        if it < max_iter:
+            return base_lr if policy == "fixed" else base_lr * gamma ** (it // stepsize)
+    raise ValueError(it)
+
+
+# transcribed from the solver files (the values, not the files)
+ALEXNET_SOLVERS = [(3e-5, "fixed", 0.1, 100000, 240000), (1e-5, "fixed", 0.1, 100000, 300000),  # solver0, solver1
+                   (3e-6, "fixed", 0.1, 100000, 400000), (1e-6, "fixed", 0.1, 100000, 450000)]  # solver2, solver3
+VGG_SOLVER = [(3.16e-5, "step", 0.316, 215000, 500000)]  # train/solver.prototxt
+PAPER_SCHEDULE = [(3e-5, "fixed", 0, 1, 200000), (1e-5, "fixed", 0, 1, 375000), (3e-6, "fixed", 0, 1, 450000)]
+
+
+@pytest.mark.parametrize("name,solvers,released", [
+    ("alexnet_cc_rebal_in1k_180px", ALEXNET_SOLVERS, dict(
+        size=180, model="alexnet_cc", batch_size=80, betas=(0.9, 0.999), weight_decay=1e-3, bias_lr_mult=2.0,
+        bias_decay_mult=0.0, k=10, sigma=5.0, lam=0.5, grey_thresh=5.0, target_sampling="point", loss="rebal",
+        loss_norm="batch", init="kmeans", init_images=800)),
+    ("zhang_vgg_rebal_in1k_176px", VGG_SOLVER, dict(
+        size=176, model="zhang_vgg", batch_size=40, betas=(0.9, 0.99), weight_decay=1e-3, bias_lr_mult=1.0,
+        bias_decay_mult=1.0, k=10, sigma=5.0, lam=0.5, grey_thresh=5.0, target_sampling="point", loss="rebal",
+        loss_norm="batch", init="kmeans")),
+    ("zhang_vgg_rebal_in1k_176px_paper_schedule", PAPER_SCHEDULE, dict(size=176, model="zhang_vgg", batch_size=40,
+                                                                       betas=(0.9, 0.99), weight_decay=1e-3)),
+])
+def test_configs_follow_the_released_solvers(name, solvers, released):
+    from pretext.runtime import load_config
+    from pretext.train import PretextConfig, check_config, lr_at
+
+    cfg = load_config(PretextConfig, REPO / "configs" / "pretext" / f"{name}.yaml")
+    check_config(cfg)
+    assert cfg.max_steps == solvers[-1][-1]
+    for k, v in released.items():
+        assert getattr(cfg, k) == (tuple(v) if isinstance(v, tuple) else v), k
+    # every iteration where Caffe's rate changes, and either side of it
+    edges = {0, cfg.max_steps - 1} | {e + d for *_, stepsize, max_iter in solvers for e in (stepsize, max_iter)
+                                      for d in (-1, 0, 1) if 0 <= e + d < cfg.max_steps}
+    edges |= {m * 215000 + d for m in (1, 2) for d in (-1, 0, 1)}
+    for it in sorted(edges):
+        assert lr_at(cfg, it) == pytest.approx(_caffe_lr(solvers, it), rel=1e-9), it
+    # the dataclass defaults are the released VGG recipe
+    if name == "zhang_vgg_rebal_in1k_176px":
+        default = PretextConfig()
+        for k in ("lr", "lr_steps", "lr_gamma", "max_steps", "betas", "weight_decay", "k", "batch_size", "size"):
+            assert getattr(default, k) == getattr(cfg, k), k
+
+
+def test_parameter_groups_mirror_caffe_lr_mult_and_decay_mult():
+    from pretext.models import create_model
+    from pretext.runtime import load_config
+    from pretext.train import PretextConfig, build_optimizer, optimizer_step
+
+    cfg = load_config(PretextConfig, REPO / "configs" / "pretext" / "alexnet_cc_rebal_in1k_180px.yaml")
+    model = create_model("alexnet_cc", fc_dim=16)
+    opt = build_optimizer(cfg, model)
+    weights, biases = opt.param_groups
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8 and {id(p) for p in biases["params"]} == {id(c.bias) for c in convs}
+    assert {id(p) for p in weights["params"]} == {id(c.weight) for c in convs}  # no BatchNorm parameters
+    assert (weights["weight_decay"], biases["weight_decay"]) == (1e-3, 0.0)  # decay_mult 1 / 0
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer_step(model, opt, None, cfg, lr_at_0 := 3e-5)
+    assert (weights["lr"], biases["lr"]) == (lr_at_0, 2 * lr_at_0)  # lr_mult 1 / 2
+    # the VGG net: no param {} in colorization_train_val_v2.prototxt, Caffe's default 1 / 1 for every blob
+    vgg = build_optimizer(PretextConfig(), create_model("zhang_vgg"))
+    assert [g["weight_decay"] for g in vgg.param_groups] == [1e-3, 1e-3]
+    assert [g["lr_mult"] for g in vgg.param_groups] == [1.0, 1.0]
+
+
+def test_alexnet_targets_point_sampled_and_logits_resized_as_released():
+    """180 px: 12x12 logits resized (bilinear, corners aligned: the Resize layer) to the 23x23 stride-8 targets."""
+    from pretext.models import create_model
+    from pretext.train import PretextConfig, output_and_targets
+
+    model = create_model("alexnet_cc", fc_dim=8).eval()
+    L = torch.rand(2, 1, 180, 180) * 100
+    ab = torch.randn(2, 2, 180, 180) * 30
+    with torch.no_grad():
+        logits = model(L)
+        out, ab_t = output_and_targets(model, L, ab, PretextConfig(), None)
+        _, ab_area = output_and_targets(model, L, ab, PretextConfig(target_sampling="area"), None)
+    assert logits.shape[-2:] == (12, 12) and out.shape[-2:] == ab_t.shape[-2:] == ab_area.shape[-2:] == (23, 23)
+    assert torch.equal(ab_t, ab[..., ::8, ::8])
+    assert torch.allclose(ab_area[..., 1, 1], ab[..., 8:16, 8:16].mean((-2, -1)), atol=1e-4)
+    # Resize: output i samples input i * (12 - 1) / (23 - 1) = i / 2
+    torch.testing.assert_close(out[..., ::2, ::2], logits)
+    torch.testing.assert_close(out[..., 1, 1], logits[..., :2, :2].mean((-2, -1)))
+    # the VGG net: 44x44 logits and targets at 176 px, no resize
+    vgg = create_model("zhang_vgg").eval()
+    with torch.no_grad():
+        out, ab_t = output_and_targets(vgg, L[..., :176, :176], ab[..., :176, :176], PretextConfig(), None)
+    assert out.shape[-2:] == ab_t.shape[-2:] == (44, 44) and torch.equal(ab_t, ab[..., :176:4, :176:4])
