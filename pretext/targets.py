@@ -102,7 +102,11 @@ class AB313(Target):
                                 "prior=prior.npz")
             weights = rebalance_weights(prior["probs"], cfg.lam, cfg.rebalance_mode)
         bins = prior["bins"] if prior is not None else None
-        return cls(bins, weights, cfg.k, cfg.sigma, cfg.grey_thresh, cfg.loss_norm)
+        target = cls(bins, weights, cfg.k, cfg.sigma, cfg.grey_thresh, cfg.loss_norm)
+        # build the encoder's tables now, before training starts (the build changes torch's thread count, which
+        # must not happen once DDP's communication threads run)
+        target._encoder = SoftEncoder(target.bins, k=target.k, sigma=target.sigma)
+        return target
 
     @property
     def out_channels(self) -> int:
