@@ -59,9 +59,7 @@ def heads_state(out) -> dict:
 
 # --------------------------------------------------------------------------------------------- units
 def test_pooled_dims_match_paper_alexnet_227():
-    # the standard AlexNet geometry of the release's probed net (train_alexnet/train_val_nobn_rs.prototxt); the
-    # pretext geometry (conv1 pad 5, padded pools) gives 57x57 conv1 at 227 px
-    enc, _ = build_encoder(None, random_init="alexnet_cc", model_kwargs={"fc_dim": 8, "geometry": "standard"})
+    enc, _ = build_encoder(None, random_init="alexnet_cc", model_kwargs={"fc_dim": 8})
     shapes = enc.tap_shapes(227)
     assert shapes["conv1"] == (96, 55, 55) and shapes["conv5"] == (256, 13, 13)
     paper = {"conv1": 9600, "conv2": 9216, "conv3": 9600, "conv4": 9600, "conv5": 9216, "pool5": 9216}
