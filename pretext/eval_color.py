@@ -181,7 +181,7 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
     """Evaluate a colorizer on image files against the all-gray and random baselines (see the module docstring).
 
     Args:
-        model, target, bins: the network and how to decode it (``pretext.predict.decode_ab``).
+        model, target, bins: the network and how to decode it (``pretext.targets``).
         paths: image files. prior_probs: (Q,) prior over ``prior_bins`` (default ``bins``) for the rebalanced
             AuC; None computes it from the evaluated images (their ground-truth ab, Gaussian-smoothed).
         size: network input size. eval_size: downscale images whose shorter side exceeds it (0: full size).
