@@ -21,11 +21,12 @@ import torch
 
 from .runtime import UserError, log, setup_logging
 
-#: the quickstart recipe (mirrored by configs/pretext/quickstart.yaml)
+#: the quickstart recipe (mirrored by configs/pretext/quickstart.yaml): a crosschannel recipe for a CPU (PROVENANCE.md)
 QUICKSTART = dict(
     size=128, crop="rrc", crop_scale_min=0.35, model="alexnet_cc", model_kwargs={"fc_dim": 256}, loss="rebal",
-    lam=0.5, k=5, optimizer="adam", lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-4, lr_steps=[300], lr_gamma=0.3,
-    batch_size=16, max_steps=400, time_limit_min=5.0, workers=2, checkpoint_every=50, log_every=10, image_every=100,
+    lam=0.5, k=5, init="default", optimizer="adam", lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-4, lr_steps=[300],
+    lr_gamma=0.3, batch_size=16, max_steps=400, time_limit_min=5.0, workers=2, checkpoint_every=50, log_every=10,
+    image_every=100,
 )
 
 

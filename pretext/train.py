@@ -524,12 +524,21 @@ def init_batch(cfg: PretextConfig, dataset, target: Target, device: torch.device
 
 
 def initialise(cfg: PretextConfig, model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """Data-dependent initialisation (Kraehenbuehl et al., ICLR 2016; ``pretext.init``) of a fresh model on ``x``."""
+    """Data-dependent initialisation (Kraehenbuehl et al., ICLR 2016; ``pretext.init``) of a fresh, unwrapped model
+    on ``x``, seeded by ``cfg.seed`` (so every process computes the same). Models trained on sampled points run on
+    a fixed draw of points, as in training."""
     from .init import data_dependent_init
 
+    forward = None
+    if cfg.points_per_image > 0 and getattr(model, "supports_points", False):
+        pts = torch.rand(x.shape[0], cfg.points_per_image, 2, generator=torch.Generator().manual_seed(cfg.seed))
+        pts = pts.to(x.device) * 2 - 1
+        forward = lambda m, inp: m(inp, points=pts)  # noqa: E731
     t0 = time.time()
-    report = data_dependent_init(model, x, mode=cfg.init)
-    log.info("data-dependent init (%s) on %d images in %.1fs", cfg.init, x.shape[0], time.time() - t0)
+    report = data_dependent_init(model, x, mode=cfg.init, forward=forward, seed=cfg.seed)
+    log.info("data-dependent init (%s) of %d layers on %d images in %.1fs: %d rescaling rounds%s", cfg.init,
+             len(report["layers"]), x.shape[0], time.time() - t0, report["rounds"],
+             "" if report["converged"] in (None, True) else " (ratios not within tolerance)")
     return report
 
 

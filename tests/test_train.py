@@ -317,3 +317,30 @@ def test_alexnet_targets_point_sampled_and_logits_resized_as_released():
     with torch.no_grad():
         out, ab_t = output_and_targets(vgg, L[..., :176, :176], ab[..., :176, :176], PretextConfig(), None)
     assert out.shape[-2:] == ab_t.shape[-2:] == (44, 44) and torch.equal(ab_t, ab[..., :176:4, :176:4])
+
+
+def test_data_dependent_init_runs_once_at_step_0_and_never_on_resume(tmp_path, sample_dir, monkeypatch):
+    import pretext.init
+    from pretext.train import PretextConfig, run
+
+    calls = []
+    real = pretext.init.data_dependent_init
+
+    def spy(model, x, mode="kmeans", **kw):
+        calls.append((type(model).__name__, tuple(x.shape), float(x.min()), float(x.max()), mode))
+        return real(model, x, mode=mode, **kw)
+
+    monkeypatch.setattr(pretext.init, "data_dependent_init", spy)
+    data = _colour_images(sample_dir, 6, tmp_path / "data")
+    common = dict(data=[str(data)], model="alexnet_cc", model_kwargs={"fc_dim": 32}, size=96, loss="ce", workers=0,
+                  lr=1e-3, tensorboard=False, progress=False, image_every=0, checkpoint_every=1, crop="rrc",
+                  batch_size=2, init_images=5, out_dir=str(tmp_path / "run"))
+    run(PretextConfig(**common, max_steps=1, init="kmeans"))
+    assert len(calls) == 1
+    name, shape, lo, hi, mode = calls[0]
+    assert (name, mode) == ("AlexNetCC", "kmeans")  # the unwrapped model, the configured mode
+    assert shape == (5, 1, 96, 96) and 0 <= lo < hi <= 100  # init_images training crops, the model input (L)
+    run(PretextConfig(**common, max_steps=2, init="kmeans"), resume="auto")
+    assert len(calls) == 1  # resumed: weights come from the checkpoint, no init
+    run(PretextConfig(**{**common, "out_dir": str(tmp_path / "plain")}, max_steps=1, init="default"))
+    assert len(calls) == 1  # init: default keeps PyTorch's initialisation
