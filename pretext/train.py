@@ -531,8 +531,8 @@ def initialise(cfg: PretextConfig, model: torch.nn.Module, x: torch.Tensor) -> d
 
     forward = None
     if cfg.points_per_image > 0 and getattr(model, "supports_points", False):
-        pts = torch.rand(x.shape[0], cfg.points_per_image, 2, generator=torch.Generator().manual_seed(cfg.seed))
-        pts = pts.to(x.device) * 2 - 1
+        pts = sample_points(x.shape[0], cfg.points_per_image, tuple(x.shape[-2:]), cfg.points_margin,
+                            torch.Generator().manual_seed(cfg.seed)).to(x.device)
         forward = lambda m, inp: m(inp, points=pts)  # noqa: E731
     t0 = time.time()
     report = data_dependent_init(model, x, mode=cfg.init, forward=forward, seed=cfg.seed)
