@@ -124,3 +124,18 @@ def gray_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """Desaturate: keep L, set ab = 0, back to sRGB (the 'all-gray' baseline image)."""
     L = rgb_to_l(rgb)
     return lab_to_rgb(torch.cat([L, torch.zeros_like(L).expand(*L.shape[:-3], 2, *L.shape[-2:])], dim=-3))
+
+
+def grey_to_l(grey: torch.Tensor) -> torch.Tensor:
+    """sRGB grey level (..., 1, H, W) in [0, 1] -> the L of that grey (R = G = B = grey); inverse of ``l_to_grey``."""
+    y = srgb_to_linear(grey if grey.dtype in (torch.float32, torch.float64) else grey.float())
+    fy = torch.where(y > _EPS, torch.pow(y.clamp(min=_EPS), 1.0 / 3.0), _KAPPA * y + 16.0 / 116.0)
+    return 116.0 * fy - 16.0
+
+
+def l_to_grey(L: torch.Tensor) -> torch.Tensor:
+    """L (..., 1, H, W) in [0, 100] -> the sRGB grey level in [0, 1] with that lightness (a = b = 0)."""
+    L = L if L.dtype in (torch.float32, torch.float64) else L.float()
+    fy = (L + 16.0) / 116.0
+    y = torch.where(fy > 0.2068966, fy.pow(3), (fy - 16.0 / 116.0) / _KAPPA)
+    return linear_to_srgb(y.clamp(min=0.0)).clamp(0.0, 1.0)

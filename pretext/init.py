@@ -109,6 +109,18 @@ def _init_state(model: nn.Module, x: torch.Tensor):
             m.training = t
 
 
+@contextlib.contextmanager
+def _hooked(modules: Iterable[nn.Module], pre=None, post=None):
+    """Forward pre-hooks ``pre`` and/or forward hooks ``post`` on ``modules`` for the duration of the block."""
+    handles = [m.register_forward_pre_hook(pre) for m in modules] if pre else []
+    handles += [m.register_forward_hook(post) for m in modules] if post else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _names(model: nn.Module) -> Dict[nn.Module, str]:
     return {m: (n or type(model).__name__) for n, m in model.named_modules()}
 
@@ -124,13 +136,8 @@ def forward_order(model: nn.Module, x: torch.Tensor, forward: Optional[Forward] 
             seen.add(m)
             order.append(m)
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
-    try:
-        with torch.no_grad():
-            forward(model, x)
-    finally:
-        for h in handles:
-            h.remove()
+    with _hooked([m for m in model.modules() if isinstance(m, LAYER_TYPES)], pre=hook), torch.no_grad():
+        forward(model, x)
     return order
 
 
@@ -159,14 +166,11 @@ def _layer_input(model, x, forward, layer) -> torch.Tensor:
         got.append(inp[0].detach())
         raise _Stop
 
-    h = layer.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
+        with _hooked([layer], pre=hook), torch.no_grad():
             forward(model, x)
     except _Stop:
         pass
-    finally:
-        h.remove()
     if not got:
         raise ValueError(f'{type(layer).__name__} was not called by the forward pass')
     return got[0]
@@ -375,13 +379,8 @@ def _preactivation_stats(model, x, forward, layers) -> Dict[nn.Module, tuple]:
         if m not in stats:
             stats[m] = _channel_stats(m, out)
 
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            forward(model, x)
-    finally:
-        for h in handles:
-            h.remove()
+    with _hooked(layers, post=hook), torch.no_grad():
+        forward(model, x)
     return stats
 
 
@@ -405,11 +404,10 @@ def _gradient_ratios(model, x, forward, layers, noise_seed) -> tuple:
 
     weights = [m.weight for m in layers]
     flags = [w.requires_grad for w in weights]
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
     try:
         for w in weights:
             w.requires_grad_(True)
-        with torch.enable_grad():
+        with _hooked(layers, pre=hook), torch.enable_grad():
             outs = [t for t in _output_tensors(forward(model, x)) if t.requires_grad]
             if not outs:
                 raise ValueError('the forward pass returned no tensor that depends on the weights')
@@ -417,8 +415,6 @@ def _gradient_ratios(model, x, forward, layers, noise_seed) -> tuple:
             noise = [_randn(t.shape, gen, t.device, t.dtype) for t in outs]
             grads = torch.autograd.grad(outs, weights, noise, allow_unused=True)
     finally:
-        for h in handles:
-            h.remove()
         for w, f in zip(weights, flags):
             w.requires_grad_(f)
     ratios = []
@@ -444,13 +440,8 @@ def _apply_scales(model, x, forward, layers, scales, in_scale):
             m.bias.mul_((now / before if before > 0 else 1.0) * s)
         m.weight.mul_(s)
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            forward(model, x)
-    finally:
-        for h in handles:
-            h.remove()
+    with _hooked(layers, pre=hook), torch.no_grad():
+        forward(model, x)
 
 
 def _rescale(model, x, forward, layers, tol, max_rounds, seed) -> dict:

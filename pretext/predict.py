@@ -63,7 +63,8 @@ def predict_ab_lowres(model: torch.nn.Module, x: torch.Tensor, target: str | Tar
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device.type, autocast_dtype):
         out = model(x)
-    return _target(target, bins).decode(out.float(), T)
+    tgt = _target(target, bins)
+    return tgt.decode(out.float(), T, L=x) if tgt.decode_needs_l else tgt.decode(out.float(), T)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device | str = "cpu", channels_last: bool = True) -> torch.nn.Module:

@@ -36,6 +36,7 @@ class Target:
     """Base class: the defaults every target shares. ``bins`` is only used by ``ab313``."""
 
     name = ""
+    decode_needs_l = False  #: ``decode`` takes the input lightness (``L=``), as hue_chroma's does
 
     def __init__(self, bins: torch.Tensor | None = None, grey_thresh: float = GREY_THRESH, normalize: str = "batch"):
         self.bins = bins
@@ -62,6 +63,11 @@ class Target:
     def valid(self, ab_t: torch.Tensor) -> torch.Tensor:
         """(B,) bool: images whose target has colour (the release's ``NonGrayMaskLayer`` on the subsampled ab)."""
         return nongray_mask(ab_t, self.grey_thresh)
+
+    def dense_targets(self, rgb: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        """Per pixel, what ``encode`` needs at a position: (B, C, H, W) with ab in channels 0-1 (ab by default). The
+        trainer picks it at the output's positions (grid or points); channels 0-1 feed ``valid`` and the logs."""
+        return lab[:, 1:]
 
     def encode(self, ab_t: torch.Tensor):
         return ab_t
@@ -145,13 +151,31 @@ class L2(Target):
 
 
 class HueChroma(Target):
-    """Larsson et al.'s hue / chroma histograms (``pretext.hue_chroma``); the temperature does not apply."""
+    """Larsson et al.'s hue / chroma histograms as released (``pretext.hue_chroma``; gustavla/autocolorize
+    ``train/train_vgg16.prototxt``): HSV hue and chroma = max - min of RGB, 32 bins each, histograms of the 7x7
+    window around each point, the hue KL weighted by chroma (loss weight 5), the chroma KL by min(3g, 1, 3 - 3g)
+    of the grey level g (loss weight 1), both averaged over all points. The network sees the release's grey,
+    (R + G + B) / 3, passed as its L (``hue_chroma.model_grey_l``). The release has no grey-image mask:
+    ``grey_thresh`` None (default) counts every image. The temperature does not apply."""
 
     name = "hue_chroma"
+    decode_needs_l = True
+
+    def __init__(self, bins: torch.Tensor | None = None, grey_thresh: float | None = None, normalize: str = "batch",
+                 n_bins: int = hue_chroma.N_BINS, window: int = hue_chroma.WINDOW,
+                 hue_weight: float = hue_chroma.HUE_LOSS_WEIGHT, chroma_weight: float = hue_chroma.CHROMA_LOSS_WEIGHT):
+        super().__init__(None, 0.0 if grey_thresh is None else grey_thresh, normalize)
+        self.use_mask = grey_thresh is not None
+        self.n_bins, self.window = int(n_bins), int(window)
+        self.hue_weight, self.chroma_weight = float(hue_weight), float(chroma_weight)
+
+    @classmethod
+    def from_config(cls, cfg, prior: dict | None) -> "HueChroma":
+        return cls()  # as released: no grey mask, FULL normalisation (mean over the batch's points)
 
     @property
     def out_channels(self) -> int:
-        return hue_chroma.N_HUE + hue_chroma.N_CHROMA
+        return 2 * self.n_bins
 
     def model_kwargs(self, model_name: str) -> dict:
         kw = super().model_kwargs(model_name)
@@ -159,12 +183,26 @@ class HueChroma(Target):
             kw["head"] = "hue_chroma"
         return kw
 
-    def loss(self, out, encoded, mask):
-        loss = hue_chroma.hue_chroma_loss(out, encoded, mask=mask)
-        return loss, {"loss": loss.detach()}
+    def model_input(self, rgb: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return hue_chroma.model_grey_l(rgb)
 
-    def decode(self, out, T=0.38):
-        return hue_chroma.decode_ab(out.float())
+    def valid(self, ab_t: torch.Tensor) -> torch.Tensor:
+        if self.use_mask:
+            return super().valid(ab_t)
+        return torch.ones(ab_t.shape[0], dtype=torch.bool, device=ab_t.device)
+
+    def dense_targets(self, rgb: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return hue_chroma.dense_targets(rgb, lab, self.n_bins, self.window)
+
+    def loss(self, out, encoded, mask):
+        loss, hue, chroma = hue_chroma.hue_chroma_loss(out, encoded, mask, self.n_bins, self.hue_weight,
+                                                       self.chroma_weight)
+        return loss, {"loss": loss.detach(), "loss_hue": hue.detach(), "loss_chroma": chroma.detach()}
+
+    def decode(self, out, T=0.38, L: torch.Tensor | None = None):
+        """ab of the release's colour (median chroma, circular-mean hue with chromatic fading) at the grey level of
+        ``L`` (the input lightness; without it, the release's mean grey 0.4488)."""
+        return hue_chroma.decode_ab(out.float(), L, self.n_bins)
 
 
 TARGETS: dict[str, type[Target]] = {"ab313": AB313, "l2": L2, "hue_chroma": HueChroma}

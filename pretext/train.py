@@ -83,6 +83,7 @@ class PretextConfig:
     target_sampling: str = "point"  #: point (every target_stride-th pixel, as released) | area (cell averages)
     grey_thresh: float = 5.0  #: an image counts if some target |a| or |b| exceeds this (NonGrayMaskLayer)
     points_per_image: int = 0  #: >0: train on P random pixels per image (Larsson's sparse hypercolumns)
+    points_margin: int = 0  #: points are drawn from the central window [margin, size - margin) (Larsson: 96 of 352)
     temperature: float = 0.38  #: annealed mean for logged predictions
     init: str = "kmeans"  #: kmeans | pca | gaussian | default (data-dependent init at step 0; default: PyTorch's)
     init_images: int = 0  #: images in the initialisation batch (0: batch_size)
@@ -202,12 +203,23 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def sample_points(b: int, p: int, size: tuple[int, int], margin: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``p`` pixels per image drawn uniformly from the integer pixels of the window [margin, size - margin), as the
+    grid coordinates of their centres (align_corners=False), (B, P, 2) in (x, y) order. Larsson et al.'s release
+    draws 128 per image in [96, 256) of its 352 crop (``sampler_float`` + ``StripDecimals``)."""
+    h, w = size
+    iy = torch.randint(margin, h - margin, (b, p), generator=generator)
+    ix = torch.randint(margin, w - margin, (b, p), generator=generator)
+    return torch.stack([(2 * ix + 1) / w - 1, (2 * iy + 1) / h - 1], dim=-1).float()
+
+
 def output_and_targets(model, x: torch.Tensor, ab: torch.Tensor, cfg: PretextConfig,
                        points_gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the network on ``x``; return its output (fp32) and the ab (B, 2, ...) it is scored against, at the same
-    positions.
+    """Run the network on ``x``; return its output (fp32) and the targets it is scored against, at the same
+    positions: ``ab`` is the target's per-pixel tensor (``Target.dense_targets``: ab, or more channels, ab first).
 
-    Models that sample points (``points_per_image``) are scored at the points. Otherwise ab is subsampled every
+    Models that sample points (``points_per_image``) are scored at the points (``sample_points``: pixel centres in the
+    central window). Otherwise ab is subsampled every
     ``model.target_stride`` pixels (default: input size / output size), as the release does, or averaged over the
     grid's cells (``target_sampling='area'``). Where the output's grid differs from the targets' (the released
     AlexNet: 12x12 logits, 23x23 targets at 180 px), the output is resized bilinearly with aligned corners, as the
@@ -215,9 +227,9 @@ def output_and_targets(model, x: torch.Tensor, ab: torch.Tensor, cfg: PretextCon
     """
     P = cfg.points_per_image
     if P > 0 and getattr(_unwrap(model), "supports_points", False):
-        pts = torch.rand(x.shape[0], P, 2, generator=points_gen, device="cpu").to(x.device) * 2 - 1
+        pts = sample_points(x.shape[0], P, tuple(x.shape[-2:]), cfg.points_margin, points_gen).to(x.device)
         out = model(x, points=pts).float()  # (B, C, P, 1)
-        return out, F.grid_sample(ab, pts.unsqueeze(2), mode="nearest", align_corners=False)  # (B, 2, P, 1)
+        return out, F.grid_sample(ab, pts.unsqueeze(2), mode="nearest", align_corners=False)  # (B, C, P, 1)
     out = model(x).float()
     stride = getattr(_unwrap(model), "target_stride", None) or max(1, round(x.shape[-2] / out.shape[-2]))
     ab_t = subsample_ab(ab, stride, cfg.target_sampling)
@@ -241,9 +253,10 @@ def train_step(model, rgb: torch.Tensor, ok: torch.Tensor, target: Target, cfg: 
     lab = rgb_to_lab(rgb)
     x = target.model_input(rgb, lab)
     with torch.autocast(rgb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out, ab_t = output_and_targets(model, x, lab[:, 1:], cfg, points_gen)
+        out, t = output_and_targets(model, x, target.dense_targets(rgb, lab), cfg, points_gen)
+    ab_t = t[:, :2]
     valid = ok & target.valid(ab_t)
-    loss, logs = target.loss(out, target.encode(ab_t), valid)
+    loss, logs = target.loss(out, target.encode(t), valid)
     scaled = loss / cfg.accum_steps
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return StepOutput(loss, logs, out, ab_t, valid)
@@ -475,6 +488,9 @@ def check_config(cfg: PretextConfig) -> None:
     for key in ("batch_size", "accum_steps", "max_steps", "checkpoint_every", "log_every", "size", "k"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
+    if not 0 <= 2 * cfg.points_margin < cfg.size:
+        raise UserError(f"points_margin must be >= 0 and leave a window inside the {cfg.size}px crop; "
+                        f"got {cfg.points_margin}")
     if cfg.image_every < 0 or cfg.workers < 0 or cfg.points_per_image < 0 or cfg.init_images < 0:
         raise UserError("image_every, workers, points_per_image and init_images must be >= 0 "
                         "(image_every 0: no sample grids; init_images 0: one batch)")
@@ -515,8 +531,8 @@ def initialise(cfg: PretextConfig, model: torch.nn.Module, x: torch.Tensor) -> d
 
     forward = None
     if cfg.points_per_image > 0 and getattr(model, "supports_points", False):
-        pts = torch.rand(x.shape[0], cfg.points_per_image, 2, generator=torch.Generator().manual_seed(cfg.seed))
-        pts = pts.to(x.device) * 2 - 1
+        pts = sample_points(x.shape[0], cfg.points_per_image, tuple(x.shape[-2:]), cfg.points_margin,
+                            torch.Generator().manual_seed(cfg.seed)).to(x.device)
         forward = lambda m, inp: m(inp, points=pts)  # noqa: E731
     t0 = time.time()
     report = data_dependent_init(model, x, mode=cfg.init, forward=forward, seed=cfg.seed)

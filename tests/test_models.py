@@ -137,8 +137,9 @@ def test_hypercolumn_sparse_matches_dense():
 
 
 def test_hypercolumn_dense_equals_upsampled_hypercolumns():
-    # dense path == the naive definition: upsample every tap bilinearly to (H, W), concat, MLP
-    m = create_model('vgg16_hypercolumn', **HC_SMALL).eval()
+    # sampling='centre': dense path == upsample every tap bilinearly to (H, W), concat, MLP ('release' sampling:
+    # tests/test_hypercolumn.py against the released SparseHypercolumnExtractor)
+    m = create_model('vgg16_hypercolumn', **HC_SMALL, sampling='centre', init='torch').eval()
     L = _L(1, 64)
     with torch.no_grad():
         taps = m.forward_hypercolumn_taps(L)

@@ -78,8 +78,10 @@ def extract_taps(model: nn.Module, L: torch.Tensor, names: Sequence[str]) -> Dic
 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Build ``ckpt['model_name']`` with ``ckpt.get('model_kwargs', {})`` and load ``ckpt['model']`` strictly."""
-    model = create_model(ckpt['model_name'], **ckpt.get('model_kwargs', {}))
+    """Build ``ckpt['model_name']`` with ``ckpt.get('model_kwargs', {})`` and load ``ckpt['model']`` strictly (a
+    ``pretrained`` weight file among the kwargs is not read again: the checkpoint holds the weights)."""
+    kwargs = {k: v for k, v in ckpt.get('model_kwargs', {}).items() if k != 'pretrained'}
+    model = create_model(ckpt['model_name'], **kwargs)
     model.load_state_dict(ckpt['model'], strict=True)
     return model
 
