@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import models
 from .color import gray_rgb, rgb_to_lab
-from .data import ImageDataset, eval_transform, list_images, train_transform
+from .data import ImageDataset, TrainCrops, batch_to_device, eval_transform, list_images, resolve_decode
 from .encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
 from .losses import l2_ab_loss, multinomial_cross_entropy
 from .predict import colorize_rgb, decode_ab
@@ -66,6 +66,7 @@ class PretextConfig:
     crop: str = "rrc"  #: rrc (RandomResizedCrop) | resize_crop (resize then random crop, as the paper)
     crop_scale_min: float = 0.25
     workers: int = 4
+    decode: str = "cpu"  #: cpu (loader workers, JPEG draft decoding) | gpu (nvjpeg on the training device; CPU fallback)
     max_images: int = 0  #: use at most this many training images (0: all)
     # model and target
     model: str = "zhang_vgg"  #: zhang_vgg | alexnet_cc | vgg16_hypercolumn | timm:<name>
@@ -142,16 +143,8 @@ class ShardedSampler(torch.utils.data.Sampler):
                 yield perm[j], (self.seed * 7_919 + self.epoch * 1_000_003 + j) % (2**63 - 1)
 
 
-class SeededImages(ImageDataset):
-    """``ImageDataset`` whose random augmentation is seeded by the sampler's per-sample seed."""
-
-    def __getitem__(self, item):
-        i, sample_seed = item
-        torch.manual_seed(sample_seed)
-        return super().__getitem__(i)
-
-
-def get_dataset(cfg: PretextConfig) -> SeededImages:
+def get_dataset(cfg: PretextConfig, device: Optional[torch.device] = None) -> TrainCrops:
+    """Training crops as uint8, seeded per sample by the sampler's ``(index, seed)`` items."""
     if not cfg.data:
         raise UserError("no training data: set 'data' in the config or --set data=/path/to/images")
     paths = list_images(cfg.data)
@@ -159,8 +152,8 @@ def get_dataset(cfg: PretextConfig) -> SeededImages:
         paths = paths[: cfg.max_images]
     if not paths:
         raise UserError(f"no images found in {', '.join(cfg.data)}")
-    tf = train_transform(cfg.size, cfg.crop, cfg.crop_scale_min)
-    return SeededImages(paths, tf, placeholder_shape=(3, cfg.size, cfg.size))
+    decode = resolve_decode(cfg.decode, device if device is not None else torch.device("cpu"))
+    return TrainCrops(paths, cfg.size, cfg.crop, cfg.crop_scale_min, decode=decode)
 
 
 def grid_batch(cfg: PretextConfig, n: int) -> Optional[torch.Tensor]:
@@ -342,7 +335,7 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
     window_t, window_imgs = time.time(), 0
     fault_step = int(os.environ.get("CROSSCHANNEL_FAULT_AT_STEP", "0"))  # crash injection for resume tests
     for rgb, ok, grey in loader:
-        rgb = rgb.to(device, non_blocking=True)
+        rgb, ok, grey = batch_to_device(rgb, ok, grey, device)  # uint8 -> [0, 1] on the device (decode: gpu there)
         valid = (ok & ~grey).to(device)
         if cfg.channels_last and device.type == "cuda":
             rgb = rgb.contiguous(memory_format=torch.channels_last)
@@ -500,7 +493,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = get_dataset(cfg)
+    dataset = get_dataset(cfg, device)
     sampler = ShardedSampler(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, cfg.seed,
                              multiple_of=cfg.accum_steps)
     if sampler.batches_per_epoch == 0:
@@ -523,7 +516,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
     # the sampler runs in the main process, so workers can persist across epochs (set_epoch still applies)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0, collate_fn=dataset.collate_fn)
     while not done:
         start_batch = state["batch_in_epoch"]
         if start_batch >= sampler.batches_per_epoch:
