@@ -30,6 +30,7 @@ from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = 40_000 * 40_000  # old scans are large; still refuse decompression bombs beyond this
 
+DECODER = "pil-draft-1"  #: names the pixels this module produces (feature caches key on it); change with them
 DRAFT_SCALES = (8, 4, 2, 1)  # the DCT-domain reductions libjpeg offers through PIL's Image.draft
 _JPEG = ("JPEG", "MPO")
 _ORIENTATION_TAG = 0x0112
