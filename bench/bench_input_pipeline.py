@@ -112,6 +112,8 @@ class NullModel(torch.nn.Module):
 
 
 def null_training(args, paths) -> None:
+    """The trainer's loop with a null network: DataLoader (ShardedSampler, persistent workers, pinned memory on
+    CUDA) -> device (uint8 -> float there) -> Lab -> null model; and the loader alone (no Lab)."""
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = NullModel().to(device)
@@ -124,38 +126,44 @@ def null_training(args, paths) -> None:
             ds = _SeededBefore(paths, train_transform(args.size, args.crop), (3, args.size, args.size))
         smp = ShardedSampler(len(ds), batch, seed=0)
         return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=smp, num_workers=workers, drop_last=True,
-                                           pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                           prefetch_factor=4 if workers > 0 else None)
+                                           pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
-    def epoch(dl):
+    def epochs(dl, lab: bool, first: int) -> int:
         n = 0
-        for rgb, ok, grey in dl:
-            rgb, ok, grey = batch_to_device(rgb, ok, grey, device) if rgb.dtype == torch.uint8 else (rgb.to(device), ok, grey)
-            lab = rgb_to_lab(rgb)
-            model(lab[:, :1]).item()
-            n += rgb.shape[0]
+        for e in range(args.epochs):
+            dl.sampler.set_epoch(first + e)
+            for rgb, ok, grey in dl:
+                if rgb.dtype == torch.uint8:
+                    rgb, ok, grey = batch_to_device(rgb, ok, grey, device)
+                else:  # before: float [0, 1] from the workers
+                    rgb = rgb.to(device, non_blocking=True)
+                if lab:
+                    model(rgb_to_lab(rgb)[:, :1]).item()
+                n += rgb.shape[0]
         return n
 
-    configs = [(k, w) for w in args.workers for k in ("before", "crosschannel")]
-    loaders = {c: loader(*c) for c in configs}
-    for dl in loaders.values():
-        epoch(dl)  # warm-up: starts the persistent workers
+    configs = [(k, w, lab) for w in args.workers for lab in (False, True) for k in ("before", "crosschannel")]
+    loaders = {(k, w): loader(k, w) for w in args.workers for k in ("before", "crosschannel")}
+    for (k, w), dl in loaders.items():
+        next(iter(dl))  # starts the persistent workers
     ips = {c: [] for c in configs}
     for r in range(args.train_rounds):
         order = configs[r % len(configs):] + configs[: r % len(configs)]
         for c in order:
-            loaders[c].sampler.set_epoch(r + 1)
             t = time.perf_counter()
-            n = epoch(loaders[c])
+            n = epochs(loaders[c[:2]], c[2], first=1 + r * args.epochs)
             ips[c].append(n / (time.perf_counter() - t))
-    print(f"\ntraining loop with a null network on {device} (DataLoader -> device -> Lab -> null model), batch {batch}, "
-          f"{args.train_rounds} alternating rounds, img/s medians [min-max]; {os.cpu_count()} CPU cores")
-    for w in args.workers:
-        b, x = ips[("before", w)], ips[("crosschannel", w)]
-        ratio = [p / q for p, q in zip(x, b)]
-        print(f"  workers={w}: before {statistics.median(b):6.1f} [{min(b):.1f}-{max(b):.1f}]   crosschannel "
-              f"{statistics.median(x):6.1f} [{min(x):.1f}-{max(x):.1f}]   ratio {statistics.median(ratio):.2f}x "
-              f"[{min(ratio):.2f}-{max(ratio):.2f}]")
+    print(f"\ntraining loop with a null network on {device}, batch {batch}, {args.epochs} epochs of {len(paths)} "
+          f"images per measurement, {args.train_rounds} alternating rounds, img/s medians [min-max]; "
+          f"{os.cpu_count()} CPU cores")
+    for lab in (False, True):
+        print("  loader -> device (uint8 -> float there)" + (" -> Lab -> null model" if lab else ""))
+        for w in args.workers:
+            b, x = ips[("before", w, lab)], ips[("crosschannel", w, lab)]
+            ratio = [p / q for p, q in zip(x, b)]
+            print(f"    workers={w}: before {statistics.median(b):6.1f} [{min(b):.1f}-{max(b):.1f}]   crosschannel "
+                  f"{statistics.median(x):6.1f} [{min(x):.1f}-{max(x):.1f}]   ratio {statistics.median(ratio):.2f}x "
+                  f"[{min(ratio):.2f}-{max(ratio):.2f}]")
 
 
 class _SeededBefore(ImageDataset):
@@ -172,7 +180,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=176)
     p.add_argument("--crop", default="rrc", choices=("rrc", "resize_crop"))
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--batch", type=int, default=40)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per timed training measurement")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-rounds", type=int, default=3)
     p.add_argument("--skip-train", action="store_true")

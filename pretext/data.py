@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .decode import (Crop, EncodedCrop, JpegBatch, UnreadableImage, collate_encoded, decode_crop, encode_crop,
-                     gpu_decode_unavailable, read_image, to_rgb)
+                     gpu_decode_unavailable, is_grey_hwc, read_image, to_rgb)
 from .runtime import UserError
 
 __all__ = ["IMAGE_EXTS", "UnreadableImage", "read_image", "to_rgb", "list_images", "resize_shorter", "pil_to_tensor",
@@ -88,6 +88,8 @@ def is_grey(rgb: torch.Tensor, tol: float = 2.0 / 255.0) -> bool:
     """True if an RGB image (3, H, W) carries no colour (every channel within ``tol`` of the channels' mean;
     ``tol`` in [0, 1] units, also for uint8 images)."""
     if rgb.dtype == torch.uint8:
+        if rgb.device.type == "cpu":
+            return is_grey_hwc(rgb.permute(1, 2, 0).numpy(), tol * 255)
         return bool(grey_mask(rgb[None], tol)[0])
     return bool(((rgb - rgb.mean(dim=0, keepdim=True)).abs().amax() <= tol).item())
 

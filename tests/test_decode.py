@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2 as T
 
-from pretext.data import CropSampler, TrainCrops, is_grey, list_images, read_image, train_transform
+from pretext.data import CropSampler, TrainCrops, grey_mask, is_grey, list_images, read_image, train_transform
 from pretext.decode import (
     Crop,
     UnreadableImage,
@@ -267,6 +267,7 @@ def test_grey_test_on_uint8_is_the_float_one():
         x = torch.from_numpy(np.clip(base + noise, 0, 255).astype(np.uint8))
         want = bool(((x.float() / 255 - (x.float() / 255).mean(0, keepdim=True)).abs().amax() <= 2 / 255 + 1e-7))
         assert is_grey(x) == want and is_grey_hwc(x.permute(1, 2, 0).contiguous().numpy()) == want
+        assert bool(grey_mask(x[None])[0]) == want  # the batched test of the device path
 
 
 def test_read_image_min_size_keeps_the_shorter_side(tmp_path, photos):
