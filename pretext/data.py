@@ -27,9 +27,10 @@ from .decode import (Crop, EncodedCrop, JpegBatch, UnreadableImage, collate_enco
                      gpu_decode_unavailable, is_grey_hwc, read_image, to_rgb)
 from .runtime import UserError
 
-__all__ = ["IMAGE_EXTS", "UnreadableImage", "read_image", "to_rgb", "list_images", "resize_shorter", "pil_to_tensor",
-           "is_grey", "DecodedImages", "ImageDataset", "CropSampler", "TrainCrops", "resolve_decode",
-           "batch_to_device", "train_transform", "eval_transform"]
+# read_image, to_rgb and UnreadableImage live in pretext.decode and are re-exported here, where callers import them
+__all__ = ["IMAGE_EXTS", "UnreadableImage", "read_image", "to_rgb", "is_image_file", "list_images", "resize_shorter",
+           "pil_to_tensor", "is_grey", "grey_mask", "DecodedImages", "ImageDataset", "train_transform", "eval_transform",
+           "CropSampler", "resolve_decode", "TrainCrops", "batch_to_device"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
 
@@ -167,7 +168,6 @@ def eval_transform(size: int, resize: int | None = None):
 
     return T.Compose([T.Resize(resize or int(round(size * 256 / 224)), antialias=True), T.CenterCrop(size),
                       T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])
-
 
 
 # --------------------------------------------------------------------------------------------- training pipeline

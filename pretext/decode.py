@@ -25,7 +25,6 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = 40_000 * 40_000  # old scans are large; still refuse decompression bombs beyond this
