@@ -249,8 +249,10 @@ def test_unreadable_files_are_flagged(tmp_path, photos):
         decode_crop(tmp_path / "trunc.jpg", S, lambda w, h: Crop((0, h * 0.8, w, h), False, True))
 
 
-def test_row_limited_decoding_is_the_top_of_a_full_decode(photos):
-    for p in photos[:6]:
+def test_row_limited_decoding_is_the_top_of_a_full_decode(tmp_path, photos):
+    Image.open(photos[0]).save(tmp_path / "progressive.jpg", progressive=True, quality=90)
+    Image.open(photos[1]).save(tmp_path / "restarts.jpg", quality=90, restart_marker_rows=2)
+    for p in photos[:4] + [tmp_path / "progressive.jpg", tmp_path / "restarts.jpg"]:
         full = np.asarray(Image.open(p).convert("RGB"))
         for rows in (1, 37, full.shape[0] // 2, full.shape[0]):
             with Image.open(p) as im:
