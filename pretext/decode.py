@@ -280,64 +280,48 @@ def _pil_to_hwc(img: Image.Image, writable: bool = True) -> torch.Tensor:
 
 
 class _Axis(NamedTuple):
-    """How torch's kernel reproduces PIL's resampling along one axis: input window [lo, hi), first wanted
-    output ``k`` (outputs k .. k + size - 1), read from the window's far end (``flip``), source pixels per output."""
+    """How torch's kernel reproduces PIL's resampling along one axis: the input window [lo, hi), read from its far
+    end (``flip``), with ``scale`` source pixels per output."""
     lo: int
     hi: int
-    k: int
     flip: bool
     scale: float
 
 
-def _axis_plan(b0: float, b1: float, n: int, size: int, clip: bool, kmax: int = 48) -> Optional[_Axis]:
+def _axis_plan(b0: float, b1: float, size: int) -> Optional[_Axis]:
     """Torch's antialiased kernel puts output centres at ``lo + scale (j + 0.5)``, anchored at its input window's
-    start, and clips the filter at the window. PIL resamples ``[b0, b1)`` with centres ``b0 + scale (i + 0.5)``,
-    clipping at the crop's pixels (``clip``: [floor b0, ceil b1)) or at the image ([0, n)). The two agree when the
-    window starts on a whole pixel ``b0 - k scale`` (k >= 1, or k = 0 where the clip is the window's own edge),
-    or the same from the far end (the window flipped); None when no such window exists within ``kmax`` outputs."""
+    start, and clips the filter at the window. Crop-then-resize (PIL) resamples ``[b0, b1)`` of the crop's pixels
+    [floor b0, ceil b1) with centres ``b0 + scale (i + 0.5)``: the same grid when b0 is a whole pixel, or, read
+    from the far end, when b1 is; None when both are fractional, or when upsampling (left to PIL)."""
     scale = (b1 - b0) / size
-    if scale < 1:  # upsampling: PIL
+    lo, hi = math.floor(b0), math.ceil(b1)
+    if scale < 1 or (b0 != lo and b1 != hi):
         return None
-    if clip:
-        lo, hi = math.floor(b0), math.ceil(b1)
-        if b0 == lo or b1 == hi:
-            return _Axis(lo, hi, 0, b0 != lo, scale)
-        return None
-    reach = math.ceil(scale) + 1  # the filter's reach past an output centre, in whole pixels
-    for k in range(kmax):
-        for flip in (False, True):
-            edge = b1 + k * scale if flip else b0 - k * scale
-            r = round(edge)
-            if abs(edge - r) > 1e-7 or r < 0 or r > n or (k == 0 and r != (n if flip else 0)):
-                continue
-            if flip:
-                return _Axis(max(0, math.floor(b0) - reach), r, k, True, scale)
-            return _Axis(r, min(n, math.ceil(b1) + reach), k, False, scale)
-    return None
+    return _Axis(lo, hi, b0 != lo, scale)
 
 
 def resample_crop(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> torch.Tensor:
     """``box`` (fractional) of an L or RGB image resampled to size x size with PIL's antialiased bilinear filter
-    -> uint8 (size, size, C). ``clip``: the filter sees only the crop's pixels (crop, then resize: RandomResizedCrop);
-    else the pixels around it too (resize, then crop). Where a window of whole pixels gives the same sampling grid
-    (:func:`_axis_plan`), torch's vectorised uint8 kernel runs on that window (within one level of PIL's, several
-    times faster); otherwise PIL's ``resize(box=...)``."""
-    W, H = im.size
-    ax = _axis_plan(box[0], box[2], W, size, clip)
-    ay = _axis_plan(box[1], box[3], H, size, clip) if ax is not None else None
+    -> uint8 (size, size, C). ``clip``: the filter sees only the crop's pixels (crop, then resize: RandomResizedCrop),
+    else the pixels around it too (resize, then crop: PIL's ``resize(box=...)``). A crop with whole-pixel edges
+    on one side per axis (:func:`_axis_plan`) goes through torch's vectorised uint8 kernel (within one level of
+    PIL's, about twice as fast); the rest through PIL."""
+    ax = _axis_plan(box[0], box[2], size) if clip else None
+    ay = _axis_plan(box[1], box[3], size) if ax is not None else None
     if ax is None or ay is None:
         win, box = _resample_box(box, clip, im.size)
         if win is not None:
             im = im.crop(win)
         return _pil_to_hwc(im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(box)))[..., :3]
-    win = im.crop((ax.lo, ay.lo, ax.hi, ay.hi)) if (ax.lo, ay.lo, ax.hi, ay.hi) != (0, 0, W, H) else im
+    win = im.crop((ax.lo, ay.lo, ax.hi, ay.hi))
     if ax.flip:
         win = win.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if ay.flip:
         win = win.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     x = _pil_to_hwc(win, writable=False).permute(2, 0, 1)[None]  # channels-last; RGBX: the kernel's own layout
-    y = torch.ops.aten._upsample_bilinear2d_aa(x, [ay.k + size, ax.k + size], False, 1 / ay.scale, 1 / ax.scale)
-    y = y[0, : min(3, y.shape[1]), ay.k:, ax.k:]
+    # explicit scales: the grid of the box, not of the (up to a pixel larger) window
+    y = torch.ops.aten._upsample_bilinear2d_aa(x, [size, size], False, 1 / ay.scale, 1 / ax.scale)
+    y = y[0, : min(3, y.shape[1])]
     dims = [d for d, a in ((-1, ax), (-2, ay)) if a.flip]
     return (y.flip(dims) if dims else y).permute(1, 2, 0)
 

@@ -12,6 +12,7 @@ from pretext.data import CropSampler, TrainCrops, grey_mask, is_grey, list_image
 from pretext.decode import (
     Crop,
     UnreadableImage,
+    _axis_plan,
     _draft,
     _load_rows,
     box_to_stored,
@@ -19,6 +20,7 @@ from pretext.decode import (
     draft_scale,
     is_grey_hwc,
     orient,
+    resample_crop,
 )
 
 S = 176
@@ -282,3 +284,27 @@ def test_read_image_min_size_keeps_the_shorter_side(tmp_path, photos):
         assert img.size == (1200 // s, 896 // s), (m, img.size)  # the largest scale keeping >= m, upright
         blocks = full.reshape(896 // s, s, 1200 // s, s, 3).mean((1, 3))  # DCT-domain scaling ~ s x s averages
         assert np.abs(np.asarray(img, np.float32) - blocks).mean() < 3, m
+
+
+def test_resample_crop_is_pils_crop_then_resize_or_resize_box():
+    """The torch fast path (crops with a whole-pixel edge per axis) and the PIL path give PIL's pixels."""
+    rng = np.random.default_rng(0)
+    n_torch = 0
+    for k in range(150):
+        H, W = int(rng.integers(100, 300)), int(rng.integers(100, 300))
+        im = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+        size = int(rng.integers(8, 40))
+        x0, y0 = int(rng.integers(0, 2 * W - 4 * size)), int(rng.integers(0, 2 * H - 4 * size))
+        box = (x0 / 2, y0 / 2, min(W, x0 / 2 + rng.integers(2 * size, 2 * W) / 2), min(H, y0 / 2 + rng.integers(2 * size, 2 * H) / 2))
+        for clip in (True, False):
+            if clip:
+                win = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
+                rel = (box[0] - win[0], box[1] - win[1], box[2] - win[0], box[3] - win[1])
+                want = im.crop(win).resize((size, size), Image.Resampling.BILINEAR, box=rel)
+                n_torch += _axis_plan(box[0], box[2], size) is not None and _axis_plan(box[1], box[3], size) is not None
+            else:
+                want = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            got = resample_crop(im, box, size, clip)
+            assert got.shape == (size, size, 3)
+            assert (got.int() - torch.from_numpy(np.array(want)).int()).abs().max() <= 1, (box, size, clip)
+    assert n_torch > 30
