@@ -29,8 +29,8 @@ from .runtime import UserError
 
 # read_image, to_rgb and UnreadableImage live in pretext.decode and are re-exported here, where callers import them
 __all__ = ["IMAGE_EXTS", "UnreadableImage", "read_image", "to_rgb", "is_image_file", "list_images", "resize_shorter",
-           "pil_to_tensor", "is_grey", "grey_mask", "DecodedImages", "ImageDataset", "train_transform", "eval_transform",
-           "CropSampler", "resolve_decode", "TrainCrops", "batch_to_device"]
+           "pil_to_tensor", "is_grey", "grey_mask", "DecodedImages", "ImageDataset", "train_transform",
+           "eval_transform", "CropSampler", "resolve_decode", "TrainCrops", "batch_to_device"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
 
@@ -177,7 +177,8 @@ class CropSampler:
     ``Resize`` + ``RandomCrop.make_params``, then ``RandomHorizontalFlip``), so that a per-sample seed picks the
     same crop and flip as those transforms would, without decoding the image first."""
 
-    def __init__(self, size: int, crop: str = "rrc", scale_min: float = 0.25, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(self, size: int, crop: str = "rrc", scale_min: float = 0.25,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         if crop not in ("rrc", "resize_crop"):
             raise UserError(f"crop must be 'rrc' or 'resize_crop', got '{crop}'")
         self.size, self.crop, self.scale, self.ratio = size, crop, (scale_min, 1.0), ratio
@@ -283,7 +284,7 @@ class TrainCrops(torch.utils.data.Dataset):
         return d.image, True, d.grey
 
 
-def batch_to_device(rgb, ok: torch.Tensor, grey: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_to_device(rgb, ok: torch.Tensor, grey: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
     """A loader batch -> (float RGB in [0, 1] on ``device``, ok, grey): a uint8 batch is copied (non-blocking from
     pinned memory) and converted there; a ``JpegBatch`` (``decode: gpu``) is decoded and cropped there first."""
     if isinstance(rgb, JpegBatch):

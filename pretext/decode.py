@@ -55,7 +55,8 @@ def _reading(path):
     except Image.DecompressionBombError:
         raise UnreadableImage(path, "image too large") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        reason = "not an image or corrupt" if "cannot identify" in str(e) else f"cannot decode ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        reason = "not an image or corrupt" if "cannot identify" in msg else f"cannot decode ({msg})"
         raise UnreadableImage(path, reason) from None
 
 
@@ -102,7 +103,7 @@ def upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (stored[1], stored[0]) if orientation >= 5 else stored
 
 
-def box_to_stored(box: Sequence[float], upright: tuple[int, int], orientation: int) -> tuple[float, float, float, float]:
+def box_to_stored(box: Sequence[float], upright: tuple[int, int], orientation: int) -> tuple[float, ...]:
     """A box (left, top, right, bottom) in the upright image -> the same pixels' box in the stored image."""
     W, H = upright
     x0, y0, x1, y1 = box
@@ -482,8 +483,10 @@ def collate_encoded(items: list) -> tuple[JpegBatch, torch.Tensor, torch.Tensor]
             pos += len(x.data)
         else:
             pixels[k] = x
-    blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if pos else torch.empty(0, dtype=torch.uint8)
-    return JpegBatch(pixels, blob, jpegs), torch.tensor([ok for _, ok, _ in items]), torch.tensor([g for _, _, g in items])
+    empty = torch.zeros(0, dtype=torch.uint8)
+    blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if pos else empty
+    ok, grey = torch.tensor([ok for _, ok, _ in items]), torch.tensor([g for _, _, g in items])
+    return JpegBatch(pixels, blob, jpegs), ok, grey
 
 
 _TINY_JPEG: Optional[bytes] = None

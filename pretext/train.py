@@ -66,7 +66,7 @@ class PretextConfig:
     crop: str = "rrc"  #: rrc (RandomResizedCrop) | resize_crop (resize then random crop, as the paper)
     crop_scale_min: float = 0.25
     workers: int = 4
-    decode: str = "cpu"  #: cpu (loader workers, JPEG draft decoding) | gpu (nvjpeg on the training device; CPU fallback)
+    decode: str = "cpu"  #: cpu (loader workers, JPEG draft decoding) | gpu (nvjpeg on the device; else cpu, warned)
     max_images: int = 0  #: use at most this many training images (0: all)
     # model and target
     model: str = "zhang_vgg"  #: zhang_vgg | alexnet_cc | vgg16_hypercolumn | timm:<name>

@@ -295,7 +295,8 @@ def test_resample_crop_is_pils_crop_then_resize_or_resize_box():
         im = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
         size = int(rng.integers(8, 40))
         x0, y0 = int(rng.integers(0, 2 * W - 4 * size)), int(rng.integers(0, 2 * H - 4 * size))
-        box = (x0 / 2, y0 / 2, min(W, x0 / 2 + rng.integers(2 * size, 2 * W) / 2), min(H, y0 / 2 + rng.integers(2 * size, 2 * H) / 2))
+        w, h = rng.integers(2 * size, 2 * W) / 2, rng.integers(2 * size, 2 * H) / 2
+        box = (x0 / 2, y0 / 2, min(W, x0 / 2 + w), min(H, y0 / 2 + h))
         for clip in (True, False):
             if clip:
                 win = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))

@@ -81,6 +81,9 @@ def test_device_path_mixed_batch(tmp_path, photos):
         want = cpu[items[k]][0].float() / 255
         assert (rgb[k] - want).abs().max() <= 2 / 255, k
     assert not rgb[3].any()
+    # a batch with no JPEG left to the device (all decoded in the worker)
+    rgb, ok, grey = batch_to_device(*collate_encoded([gpu[items[0]], gpu[items[0]]]), "cpu")
+    assert ok.all() and torch.equal(rgb[0], rgb[1]) and (rgb[0] - cpu[items[0]][0].float() / 255).abs().max() == 0
 
 
 def test_gpu_decode_falls_back_to_the_cpu_with_one_warning():
