@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pretext.decode import DECODER
 from pretext.runtime import atomic_write_text, barrier
 
 log = logging.getLogger("crosschannel")
@@ -55,6 +56,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def cache_key(**parts) -> str:
+    parts.setdefault("decoder", DECODER)  # features of another decoder's pixels are not reused
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

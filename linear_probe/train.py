@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -171,17 +172,21 @@ def get_dataset(cfg: ProbeConfig, train_tf, val_tf):
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found")
     tr, va = root / cfg.train_dir, root / cfg.val_dir
+    # the evaluation transform (and 'crop'/'none' training) resizes the shorter side to cfg.resize first: JPEGs are
+    # decoded at the largest draft scale that keeps it at or above cfg.resize; rrc crops anywhere, full decode
+    val_load = functools.partial(read_image, min_size=cfg.resize)
+    train_load = read_image if cfg.train_aug == "rrc" else val_load
     if cfg.val_fraction <= 0:
         if not (tr.is_dir() and va.is_dir()):
             raise UserError(f"{root}: no {cfg.train_dir}/ and {cfg.val_dir}/ folders; set val_fraction to split one ImageFolder")
-        train, val = ReadableImageFolder(str(tr), train_tf, loader=read_image), ReadableImageFolder(str(va), val_tf, loader=read_image)
+        train, val = ReadableImageFolder(str(tr), train_tf, loader=train_load), ReadableImageFolder(str(va), val_tf, loader=val_load)
         if train.classes != val.classes:
             raise UserError(f"{root}: train and val have different classes")
         return train, val, train.classes
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
     try:
-        full_t, full_v = ReadableImageFolder(str(root), train_tf, loader=read_image), ReadableImageFolder(str(root), val_tf, loader=read_image)
+        full_t, full_v = ReadableImageFolder(str(root), train_tf, loader=train_load), ReadableImageFolder(str(root), val_tf, loader=val_load)
     except FileNotFoundError as e:
         raise UserError(f"{root}: {e}") from None
     ti, vi = stratified_split(full_t.targets, cfg.val_fraction, cfg.split_seed)

@@ -89,7 +89,7 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 def _decode_eval(path, size: int, eval_size: int = 0):
     """Decode, optionally downscale, to Lab (in a loader worker); None for a grey image."""
-    img = read_image(path)
+    img = read_image(path, min_size=eval_size)  # JPEG draft decoding, never below ``eval_size``
     if eval_size and min(img.size) > eval_size:
         img = resize_shorter(img, eval_size)
     rgb = pil_to_tensor(img)

@@ -26,7 +26,7 @@ from .runtime import UserError, atomic_write_bytes, log, setup_logging
 
 def _decode_ab(path, size: int):
     """Decode + resize + Lab (in a loader worker): ab (2, h, w), or None for a grey image."""
-    img = read_image(path)
+    img = read_image(path, min_size=size)  # JPEG draft decoding, never below ``size``
     if size > 0:
         img = resize_shorter(img, size)
     rgb = pil_to_tensor(img)

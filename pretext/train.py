@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import models
 from .color import gray_rgb, rgb_to_lab
-from .data import ImageDataset, eval_transform, list_images, train_transform
+from .data import ImageDataset, TrainCrops, batch_to_device, eval_transform, list_images, resolve_decode
 from .encoding import subsample_ab
 from .predict import colorize_rgb
 from .targets import TARGETS, Target
@@ -69,6 +69,7 @@ class PretextConfig:
     crop: str = "resize_crop"  #: resize_crop (resize then random crop, as released) | rrc (RandomResizedCrop)
     crop_scale_min: float = 0.25  #: rrc only
     workers: int = 4
+    decode: str = "cpu"  #: cpu (loader workers, JPEG draft decoding) | gpu (nvjpeg on the device; else cpu, warned)
     max_images: int = 0  #: use at most this many training images (0: all)
     # model and target
     model: str = "zhang_vgg"  #: zhang_vgg | alexnet_cc | vgg16_hypercolumn | timm:<name>
@@ -154,16 +155,8 @@ class ShardedSampler(torch.utils.data.Sampler):
                 yield perm[j], (self.seed * 7_919 + self.epoch * 1_000_003 + j) % (2**63 - 1)
 
 
-class SeededImages(ImageDataset):
-    """``ImageDataset`` whose random augmentation is seeded by the sampler's per-sample seed."""
-
-    def __getitem__(self, item):
-        i, sample_seed = item
-        torch.manual_seed(sample_seed)
-        return super().__getitem__(i)
-
-
-def get_dataset(cfg: PretextConfig) -> SeededImages:
+def get_dataset(cfg: PretextConfig, device: Optional[torch.device] = None) -> TrainCrops:
+    """Training crops as uint8, seeded per sample by the sampler's ``(index, seed)`` items."""
     if not cfg.data:
         raise UserError("no training data: set 'data' in the config or --set data=/path/to/images")
     paths = list_images(cfg.data)
@@ -171,8 +164,8 @@ def get_dataset(cfg: PretextConfig) -> SeededImages:
         paths = paths[: cfg.max_images]
     if not paths:
         raise UserError(f"no images found in {', '.join(cfg.data)}")
-    tf = train_transform(cfg.size, cfg.crop, cfg.crop_scale_min)
-    return SeededImages(paths, tf, placeholder_shape=(3, cfg.size, cfg.size))
+    decode = resolve_decode(cfg.decode, device if device is not None else torch.device("cpu"))
+    return TrainCrops(paths, cfg.size, cfg.crop, cfg.crop_scale_min, decode=decode)
 
 
 def grid_batch(cfg: PretextConfig, n: int) -> Optional[torch.Tensor]:
@@ -396,7 +389,7 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
     micro = 0
     window_t, window_imgs = time.time(), 0
     for rgb, ok, grey in loader:
-        rgb = rgb.to(device, non_blocking=True)
+        rgb, ok, grey = batch_to_device(rgb, ok, grey, device)  # uint8 -> [0, 1] on the device (decode: gpu there)
         ok = ok.to(device)
         if cfg.channels_last and device.type == "cuda":
             rgb = rgb.contiguous(memory_format=torch.channels_last)
@@ -511,10 +504,10 @@ def init_batch(cfg: PretextConfig, dataset, target: Target, device: torch.device
     n = min(cfg.init_images or cfg.batch_size, len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     items = [(i, (cfg.seed * 7_919 + j) % (2**63 - 1)) for j, i in enumerate(order[:n])]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=n, sampler=items, num_workers=cfg.workers)
-    rgb, ok, _ = next(iter(loader))
-    rgb = rgb.to(device)
-    rgb = rgb.float().div_(255) if rgb.dtype == torch.uint8 else rgb
+    loader = torch.utils.data.DataLoader(dataset, batch_size=n, sampler=items, num_workers=cfg.workers,
+                                         collate_fn=dataset.collate_fn)
+    rgb, ok, grey = next(iter(loader))
+    rgb, ok, _ = batch_to_device(rgb, ok, grey, device)
     lab = rgb_to_lab(rgb)
     keep = ok.to(device) & target.valid(lab[:, 1:])
     if not bool(keep.any()):
@@ -561,7 +554,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
         model = models.create_model(cfg.model, **kwargs).to(device)
     except (ValueError, TypeError) as e:
         raise UserError(f"model '{cfg.model}' with {kwargs}: {e}") from None
-    dataset = get_dataset(cfg)
+    dataset = get_dataset(cfg, device)
     if not resume and cfg.init != "default":  # step 0 only: a resumed run loads its weights
         initialise(cfg, model, init_batch(cfg, dataset, target, device))
     if cfg.channels_last and device.type == "cuda":
@@ -615,7 +608,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
     # the sampler runs in the main process, so workers can persist across epochs (set_epoch still applies)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0, collate_fn=dataset.collate_fn)
     while not done:
         start_batch = state["batch_in_epoch"]
         if start_batch >= sampler.batches_per_epoch:

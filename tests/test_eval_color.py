@@ -39,7 +39,7 @@ def photos(shared_data):
 
 
 def _lab_at(path, eval_size):
-    img = read_image(path)
+    img = read_image(path, min_size=eval_size)  # eval-color's decoding (JPEG draft scale, shorter side >= eval_size)
     s = eval_size / min(img.size)
     if s < 1:
         img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)

@@ -1,0 +1,513 @@
+"""Image decoding: robust full decodes, and the fast crop decoder of the training pipeline (CPU and device).
+
+Every file goes through here: EXIF orientation applied; grey, RGBA, palette, 16-bit and CMYK images converted to
+sRGB; an unreadable file raises :class:`UnreadableImage` (one line naming the file and the reason).
+
+Fast paths (the crop or the output size is known before decoding):
+
+- :func:`read_image` with ``min_size``: a JPEG is decoded at the largest DCT-domain scale (PIL ``draft``: 1/2,
+  1/4, 1/8) that keeps its shorter side at or above ``min_size`` (the caller resizes to that size anyway).
+- :func:`decode_crop`: the crop is chosen from the header's size (``choose(width, height)``, on the upright
+  image), the JPEG is decoded at the largest draft scale that keeps the crop at or above the output size, and one
+  crop + resize (PIL's antialiased bilinear) gives the uint8 output. Never less resolution than a full decode.
+- :func:`encode_crop` + :class:`JpegBatch`: the ``decode: gpu`` path. Loader workers read the bytes and choose the
+  crop from the header; the training process decodes the batch on the device (``torchvision.io.decode_jpeg``,
+  nvjpeg on CUDA) and resamples the same crops with PIL's coefficients (:func:`resize_box`).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+Image.MAX_IMAGE_PIXELS = 40_000 * 40_000  # old scans are large; still refuse decompression bombs beyond this
+
+DECODER = "pil-draft-1"  #: names the pixels this module produces (feature caches key on it); change with them
+DRAFT_SCALES = (8, 4, 2, 1)  # the DCT-domain reductions libjpeg offers through PIL's Image.draft
+_JPEG = ("JPEG", "MPO")
+_ORIENTATION_TAG = 0x0112
+
+
+class UnreadableImage(Exception):
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turn PIL's many exception types for bad files into one :class:`UnreadableImage` naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except UnreadableImage:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImage(path, "file not found") from None
+    except Image.DecompressionBombError:
+        raise UnreadableImage(path, "image too large") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        reason = "not an image or corrupt" if "cannot identify" in msg else f"cannot decode ({msg})"
+        raise UnreadableImage(path, reason) from None
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, bool]:
+    """Convert any PIL mode to RGB. Returns (rgb, alpha or None, source_was_grey)."""
+    alpha = None
+    mode = img.mode
+    grey = mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA"):
+        alpha = img.getchannel("A")
+        img = img.convert("RGB") if mode != "LA" else img.convert("L")
+        mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(arr / peak * 255.0), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, HSV, ...
+    return img, alpha, grey
+
+
+# --------------------------------------------------------------------------------------------- orientation
+# EXIF orientation -> the transpose that shows the stored pixels upright (as PIL.ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 when absent or unreadable)."""
+    try:
+        o = int(im.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make the pixels unreadable
+        return 1
+    return o if o in _UPRIGHT else 1
+
+
+def upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of the upright image: orientations 5-8 swap the sides."""
+    return (stored[1], stored[0]) if orientation >= 5 else stored
+
+
+def box_to_stored(box: Sequence[float], upright: tuple[int, int], orientation: int) -> tuple[float, ...]:
+    """A box (left, top, right, bottom) in the upright image -> the same pixels' box in the stored image."""
+    W, H = upright
+    x0, y0, x1, y1 = box
+    if orientation == 2:
+        return W - x1, y0, W - x0, y1
+    if orientation == 3:
+        return W - x1, H - y1, W - x0, H - y0
+    if orientation == 4:
+        return x0, H - y1, x1, H - y0
+    if orientation == 5:
+        return y0, x0, y1, x1
+    if orientation == 6:
+        return y0, W - x1, y1, W - x0
+    if orientation == 7:
+        return H - y1, W - x1, H - y0, W - x0
+    if orientation == 8:
+        return H - y1, x0, H - y0, x1
+    return x0, y0, x1, y1
+
+
+def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Show stored pixels ``x`` (..., H, W) upright: the tensor form of PIL's exif_transpose."""
+    if orientation == 2:
+        return x.flip(-1)
+    if orientation == 3:
+        return x.flip(-2, -1)
+    if orientation == 4:
+        return x.flip(-2)
+    if orientation == 5:
+        return x.transpose(-2, -1)
+    if orientation == 6:
+        return x.transpose(-2, -1).flip(-1)
+    if orientation == 7:
+        return x.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return x.transpose(-2, -1).flip(-2)
+    return x
+
+
+# --------------------------------------------------------------------------------------------- draft decoding
+def draft_scale(extent: float, size: float) -> int:
+    """Largest DCT-domain reduction s in (8, 4, 2, 1) with ``extent / s >= size``: decoding at 1/s then keeps a
+    region of ``extent`` pixels (its shorter side) at or above ``size`` pixels."""
+    for s in DRAFT_SCALES:
+        if extent >= s * size:
+            return s
+    return 1
+
+
+def _draft(im: Image.Image, scale: int) -> int:
+    """Ask libjpeg to decode ``im`` at 1/``scale`` (JPEG only). Returns the scale obtained (1 for other formats).
+    Pixel ``i`` of the reduced image covers stored pixels ``[i * s, (i + 1) * s)``, so coordinates divide by s."""
+    if scale == 1 or im.format not in _JPEG:
+        return 1
+    W, H = im.size
+    res = im.draft(im.mode, (W // scale, H // scale))
+    if res is None:  # not a single-tile JPEG
+        return 1
+    return int(round(W / res[1][2]))
+
+
+_ROW_MARKS = ((1, 254, 3), (254, 1, 252))  # unlikely RGB values: sentinels in the last row to be decoded
+
+
+def _load_rows(im: Image.Image, rows: int) -> None:
+    """Load ``im``, decoding only its first ``rows`` rows where that saves work (an RGB JPEG, ``rows`` < height).
+
+    libjpeg produces scanlines top to bottom, so the rows below a crop cost no entropy decoding, IDCT or colour
+    conversion: decode time falls in proportion. Pillow has no API for this: the tile's extent and the image size
+    are cut, the same two fields ``Image.draft`` rewrites. libjpeg reports the unread rest as a broken stream, so
+    two sentinel pixels in the last wanted row tell a finished decode (both overwritten) from a failed one."""
+    w, h = im.size
+    if rows >= h or rows < 1 or im.format not in _JPEG or im.mode != "RGB" or len(im.tile) != 1:
+        im.load()
+        return
+    t = im.tile[0]
+    ext = (t[1][0], t[1][1], t[1][2], t[1][1] + rows)
+    im.tile = [t._replace(extents=ext) if hasattr(t, "_replace") else (t[0], ext, t[2], t[3])]
+    im._size = (w, rows)
+    im.load_prepare()
+    marks = [((0, rows - 1), _ROW_MARKS[0]), ((w - 1, rows - 1), _ROW_MARKS[1])]
+    for xy, v in marks:
+        im.im.putpixel(xy, v)
+    try:
+        im.load()
+    except OSError:
+        if all(im.im.getpixel(xy) == v for xy, v in marks):
+            raise  # the wanted rows were not decoded: a broken or truncated file
+
+
+def read_image(path, keep_alpha: bool = False, min_size: int = 0):
+    """Decode an image file to an RGB PIL image with EXIF orientation applied.
+
+    ``min_size`` > 0: the caller will resize the shorter side to ``min_size``, so a JPEG may be decoded at a draft
+    scale (1/2, 1/4, 1/8) as long as its shorter side stays at or above ``min_size``; other formats decode fully.
+    Returns the RGB image, or ``(rgb, alpha, was_grey)`` if ``keep_alpha``. Raises :class:`UnreadableImage`.
+    """
+    path = Path(path)
+    with _reading(path):
+        im = Image.open(path)
+        try:
+            o = exif_orientation(im)
+            if min_size > 0:
+                _draft(im, draft_scale(min(im.size), min_size))
+            im.load()
+            rgb, alpha, grey = to_rgb(im)
+        except BaseException:
+            im.close()
+            raise
+        if o != 1:
+            rgb = rgb.transpose(_UPRIGHT[o])
+            alpha = alpha.transpose(_UPRIGHT[o]) if alpha is not None else None
+        if rgb is im and im.fp is not None:  # a multi-frame file keeps its handle open after load()
+            rgb = im.copy()
+        if rgb is not im:
+            im.close()
+    if rgb.width == 0 or rgb.height == 0:
+        raise UnreadableImage(path, "empty image")
+    return (rgb, alpha, grey) if keep_alpha else rgb
+
+
+# --------------------------------------------------------------------------------------------- crop decoding
+class Crop(NamedTuple):
+    """A training crop of the upright image: ``box`` (left, top, right, bottom) in its pixels (fractional allowed);
+    ``flip``: mirror the result; ``clip``: resample from the box's pixels only (crop then resize, as
+    RandomResizedCrop) rather than with the whole image as support (resize then crop)."""
+    box: tuple[float, float, float, float]
+    flip: bool
+    clip: bool
+
+
+def _resample_box(box: Sequence[float], clip: bool, size: tuple[int, int]):
+    """``clip``: (the whole pixels around ``box`` to cut first, ``box`` within them); else (None, ``box``)."""
+    if not clip:
+        return None, tuple(box)
+    x0, y0, x1, y1 = box
+    win = (max(0, math.floor(x0)), max(0, math.floor(y0)), min(size[0], math.ceil(x1)), min(size[1], math.ceil(y1)))
+    return win, (x0 - win[0], y0 - win[1], x1 - win[0], y1 - win[1])
+
+
+def is_grey_hwc(a: np.ndarray, tol: float = 2.0) -> bool:
+    """True if uint8 RGB pixels (H, W, >= 3; a fourth channel is ignored) carry no colour: every channel within
+    ``tol`` levels of the channels' mean (:func:`pretext.data.is_grey` on uint8), decided exactly and cheaply.
+    A sparse sample first (one colourful pixel decides for most photographs), then the per-pixel channel spread
+    max - min: above 2 tol some channel is more than tol from the mean, at most 1.5 tol none is; the pixels in
+    between get the exact integer test |3 x_c - (r + g + b)| <= 3 tol."""
+    v = a[::13, ::13, :3].astype(np.int16)
+    if (np.abs(3 * v - v.sum(-1, keepdims=True)) > 3 * tol).any():
+        return False
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    top = int(spread.max())
+    if top > 2 * tol or top <= 1.5 * tol:
+        return top <= 2 * tol
+    v = a[spread > 1.5 * tol][:, :3].astype(np.int16)
+    return not (np.abs(3 * v - v.sum(-1, keepdims=True)) > 3 * tol).any()
+
+
+class DecodedCrop(NamedTuple):
+    image: torch.Tensor  #: uint8 (3, size, size), upright
+    grey: bool  #: :func:`is_grey_hwc` of the result
+    crop: Crop
+    scale: int  #: the draft scale the JPEG was decoded at (1: full)
+
+
+def _pil_to_hwc(img: Image.Image, writable: bool = True) -> torch.Tensor:
+    """PIL L or RGB -> uint8 (H, W, C): C = 1 for L, 4 for RGB, read as PIL's own 4-byte pixels (RGBX: a plain
+    copy, three times faster than packing to 3 bytes; callers take ``[..., :3]``). ``writable=False``: a view of
+    PIL's immutable bytes, one copy fewer, for a tensor that is only read."""
+    c = 1 if img.mode == "L" else 4
+    data = img.tobytes("raw", "RGBX") if c == 4 else img.tobytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": only read, see above
+        return torch.frombuffer(bytearray(data) if writable else data, dtype=torch.uint8).view(img.height, img.width, c)
+
+
+class _Axis(NamedTuple):
+    """How torch's kernel reproduces PIL's resampling along one axis: the input window [lo, hi), read from its far
+    end (``flip``), with ``scale`` source pixels per output."""
+    lo: int
+    hi: int
+    flip: bool
+    scale: float
+
+
+def _axis_plan(b0: float, b1: float, size: int) -> Optional[_Axis]:
+    """Torch's antialiased kernel puts output centres at ``lo + scale (j + 0.5)``, anchored at its input window's
+    start, and clips the filter at the window. Crop-then-resize (PIL) resamples ``[b0, b1)`` of the crop's pixels
+    [floor b0, ceil b1) with centres ``b0 + scale (i + 0.5)``: the same grid when b0 is a whole pixel, or, read
+    from the far end, when b1 is; None when both are fractional, or when upsampling (left to PIL)."""
+    scale = (b1 - b0) / size
+    lo, hi = math.floor(b0), math.ceil(b1)
+    if scale < 1 or (b0 != lo and b1 != hi):
+        return None
+    return _Axis(lo, hi, b0 != lo, scale)
+
+
+def resample_crop(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> torch.Tensor:
+    """``box`` (fractional) of an L or RGB image resampled to size x size with PIL's antialiased bilinear filter
+    -> uint8 (size, size, C). ``clip``: the filter sees only the crop's pixels (crop, then resize: RandomResizedCrop),
+    else the pixels around it too (resize, then crop: PIL's ``resize(box=...)``). A crop with whole-pixel edges
+    on one side per axis (:func:`_axis_plan`) goes through torch's vectorised uint8 kernel (within one level of
+    PIL's, about twice as fast); the rest through PIL."""
+    ax = _axis_plan(box[0], box[2], size) if clip else None
+    ay = _axis_plan(box[1], box[3], size) if ax is not None else None
+    if ax is None or ay is None:
+        win, box = _resample_box(box, clip, im.size)
+        if win is not None:
+            im = im.crop(win)
+        return _pil_to_hwc(im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(box)))[..., :3]
+    win = im.crop((ax.lo, ay.lo, ax.hi, ay.hi))
+    if ax.flip:
+        win = win.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if ay.flip:
+        win = win.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    x = _pil_to_hwc(win, writable=False).permute(2, 0, 1)[None]  # channels-last; RGBX: the kernel's own layout
+    # explicit scales: the grid of the box, not of the (up to a pixel larger) window
+    y = torch.ops.aten._upsample_bilinear2d_aa(x, [size, size], False, 1 / ay.scale, 1 / ax.scale)
+    y = y[0, : min(3, y.shape[1])]
+    dims = [d for d, a in ((-1, ax), (-2, ay)) if a.flip]
+    return (y.flip(dims) if dims else y).permute(1, 2, 0)
+
+
+def _pil_crop(im: Image.Image, crop: Crop, size: int, orientation: int, draft: bool) -> DecodedCrop:
+    """Decode + crop + resize an opened image: draft scale, only the rows down to the crop, one resample."""
+    upright = upright_size(im.size, orientation)
+    box = box_to_stored(crop.box, upright, orientation)
+    s = _draft(im, draft_scale(min(box[2] - box[0], box[3] - box[1]), size)) if draft else 1
+    box = tuple(c / s for c in box)
+    # rows the resampling reads: the crop's (clip), or its filter's reach below it too (max(scale, 1) pixels)
+    reach = 0 if crop.clip else max((box[3] - box[1]) / size, 1.0) + 1
+    _load_rows(im, math.ceil(box[3] + reach))
+    if im.mode not in ("RGB", "L"):
+        im = to_rgb(im)[0]  # palette, alpha, 16-bit, CMYK: convert the whole (possibly reduced) image first
+    hwc = resample_crop(im, box, size, crop.clip)
+    if hwc.shape[-1] == 1:
+        hwc, grey = hwc.expand(-1, -1, 3), True
+    else:
+        grey = is_grey_hwc(hwc.numpy())
+    x = orient(hwc.permute(2, 0, 1), orientation)
+    return DecodedCrop(x.flip(-1) if crop.flip else x, grey, crop, s)
+
+
+def decode_crop(path, size: int, choose: Callable[[int, int], Crop], draft: bool = True) -> DecodedCrop:
+    """Decode the ``size`` x ``size`` crop that ``choose(width, height)`` picks from the upright image.
+
+    ``choose`` sees only the header's size, so the JPEG is then decoded at the largest draft scale that keeps the
+    crop at or above ``size`` pixels (``draft=False``: always full scale), cropped and resized once (PIL's
+    antialiased bilinear). Raises :class:`UnreadableImage`.
+    """
+    with _reading(path):
+        with Image.open(path) as im:
+            o = exif_orientation(im)
+            return _pil_crop(im, choose(*upright_size(im.size, o)), size, o, draft)
+
+
+# --------------------------------------------------------------------------------------------- device decoding
+class EncodedCrop(NamedTuple):
+    """A JPEG's bytes and its crop in stored pixels, for decoding on the training device."""
+    data: bytes  #: the file's bytes
+    box: tuple[float, float, float, float]  #: in the stored (not upright) image
+    orientation: int
+    flip: bool
+    clip: bool
+    size: int  #: output side
+    path: str
+
+
+def encode_crop(path, size: int, choose: Callable[[int, int], Crop]) -> EncodedCrop | DecodedCrop:
+    """Loader-worker side of ``decode: gpu``: read the bytes and choose the crop from the header. Files that
+    nvjpeg does not take (not a JPEG, or CMYK) are decoded here by :func:`decode_crop`'s path and come back as a
+    :class:`DecodedCrop`. Raises :class:`UnreadableImage`."""
+    with _reading(path):
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            o = exif_orientation(im)
+            upright = upright_size(im.size, o)
+            crop = choose(*upright)
+            if im.format in _JPEG and im.mode in ("RGB", "L"):
+                box = box_to_stored(crop.box, upright, o)
+                return EncodedCrop(data, box, o, crop.flip, crop.clip, size, str(path))
+            return _pil_crop(im, crop, size, o, draft=True)
+
+
+def _resize_matrix(lo: float, hi: float, n_in: int, n_out: int, device) -> tuple[torch.Tensor, int, int]:
+    """PIL's antialiased bilinear coefficients (Resample.c, ``precompute_coeffs``) resampling the interval
+    ``[lo, hi)`` of ``n_in`` pixels to ``n_out``: (weights (n_out, b - a), a, b) over the input pixels [a, b)."""
+    scale = (hi - lo) / n_out
+    fs = max(scale, 1.0)  # filter stretched when downsampling: the antialiasing
+    centre = lo + (torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * scale
+    a = max(0, int(lo + 0.5 * scale - fs + 0.5))
+    b = min(n_in, int(hi - 0.5 * scale + fs + 0.5) + 1)
+    pix = torch.arange(a, b, device=device, dtype=torch.float64) + 0.5
+    w = (1 - (pix[None] - centre[:, None]).abs() / fs).clamp_(min=0)
+    return (w / w.sum(1, keepdim=True)).float(), a, b
+
+
+def resize_box(img: torch.Tensor, box: Sequence[float], size: int) -> torch.Tensor:
+    """Resample ``box`` (left, top, right, bottom; fractional) of ``img`` (C, H, W) to (C, size, size) float,
+    with the antialiased bilinear filter PIL's ``Image.resize(box=...)`` uses: two small matrix products."""
+    H, W = img.shape[-2:]
+    wy, ya, yb = _resize_matrix(box[1], box[3], H, size, img.device)
+    wx, xa, xb = _resize_matrix(box[0], box[2], W, size, img.device)
+    return wy @ img[:, ya:yb, xa:xb].float() @ wx.T
+
+
+def _device_crop(img: torch.Tensor, e: EncodedCrop, size: int) -> torch.Tensor:
+    win, box = _resample_box(e.box, e.clip, (img.shape[-1], img.shape[-2]))
+    if win is not None:
+        img = img[:, win[1]:win[3], win[0]:win[2]]
+    x = orient(resize_box(img, box, size), e.orientation)
+    return x.flip(-1) if e.flip else x
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[Optional[torch.Tensor]]:
+    """Batched decode on ``device``; when the batch fails, image by image (None where one cannot be decoded)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec; same decoder
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    try:  # e.g. a progressive or unusual JPEG nvjpeg refuses: torchvision's CPU decoder
+                        out.append(decode_jpeg(d, mode=ImageReadMode.RGB).to(device))
+                    except RuntimeError:
+                        out.append(None)
+            return out
+
+
+class JpegBatch:
+    """A collated batch of the ``decode: gpu`` path. ``pixels`` uint8 (B, 3, S, S) holds the images the workers
+    decoded (zeros elsewhere); the JPEGs left to the device are one byte buffer ``blob`` (one shared-memory
+    tensor per batch, not one per image) cut by ``jpegs``: (batch position, start, end, :class:`EncodedCrop`)."""
+
+    def __init__(self, pixels: torch.Tensor, blob: torch.Tensor, jpegs: list[tuple[int, int, int, EncodedCrop]]):
+        self.pixels, self.blob, self.jpegs = pixels, blob, jpegs
+
+    def pin_memory(self) -> "JpegBatch":
+        return JpegBatch(self.pixels.pin_memory(), self.blob, self.jpegs)
+
+    def decode(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (uint8 (B, 3, S, S) on ``device``, bool (B,) decoded on the device, bool (B,) failed to decode)."""
+        device = torch.device(device)
+        size = self.pixels.shape[-1]
+        out = self.pixels.to(device, non_blocking=True)
+        on_device = torch.zeros(len(out), dtype=torch.bool)
+        failed = torch.zeros(len(out), dtype=torch.bool)
+        if not self.jpegs:
+            return out, on_device, failed
+        imgs = _decode_jpegs([self.blob[a:b] for _, a, b, _ in self.jpegs], device)
+        for (k, _, _, e), img in zip(self.jpegs, imgs):
+            if img is None:
+                warnings.warn(f"{e.path}: cannot decode (JPEG data rejected by the device and CPU decoders)")
+                failed[k] = True
+                continue
+            out[k] = _device_crop(img, e, size).round_().clamp_(0, 255).to(torch.uint8)
+            on_device[k] = True
+        return out, on_device, failed
+
+
+def collate_encoded(items: list) -> tuple[JpegBatch, torch.Tensor, torch.Tensor]:
+    """DataLoader ``collate_fn`` for items ``(EncodedCrop or uint8 (3, S, S), ok, grey)`` (runs in the worker)."""
+    first = items[0][0]
+    size = first.size if isinstance(first, EncodedCrop) else first.shape[-1]
+    pixels = torch.zeros(len(items), 3, size, size, dtype=torch.uint8)
+    jpegs, chunks, pos = [], [], 0
+    for k, (x, _, _) in enumerate(items):
+        if isinstance(x, EncodedCrop):
+            jpegs.append((k, pos, pos + len(x.data), x._replace(data=b"")))
+            chunks.append(x.data)
+            pos += len(x.data)
+        else:
+            pixels[k] = x
+    empty = torch.zeros(0, dtype=torch.uint8)
+    blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if pos else empty
+    ok, grey = torch.tensor([ok for _, ok, _ in items]), torch.tensor([g for _, _, g in items])
+    return JpegBatch(pixels, blob, jpegs), ok, grey
+
+
+_TINY_JPEG: Optional[bytes] = None
+
+
+def gpu_decode_unavailable(device) -> Optional[str]:
+    """Why ``decode: gpu`` cannot run on ``device`` (None when it can): it needs CUDA and torchvision's nvjpeg."""
+    global _TINY_JPEG
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"needs a CUDA device (this run uses {device.type})"
+    if _TINY_JPEG is None:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
+        _TINY_JPEG = buf.getvalue()
+    try:
+        from torchvision.io import decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decode_jpeg([torch.frombuffer(bytearray(_TINY_JPEG), dtype=torch.uint8)], device=device)
+    except Exception as e:  # noqa: BLE001 - missing image extension, nvjpeg not built, driver error
+        return f"cannot decode on {device} ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return None
