@@ -38,7 +38,7 @@ from pretext.runtime import (
 from .cache import Indexed, extract_pooled
 from .encoder import add_encoder_args, build_encoder, fingerprint, load_encoder_config
 from .heads import TapPools
-from .voc import AP_TYPES, VOC_CLASSES, average_precision, load_voc_split
+from transfer.voc import AP_TYPES, VOC_CLASSES, average_precision, load_voc_split
 
 
 @dataclasses.dataclass(frozen=True)
