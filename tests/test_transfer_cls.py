@@ -217,7 +217,9 @@ def test_scores_csv_recomputes_the_ap(tmp_path):
     voc = voc_fixture(tmp_path)
     write_pretext_checkpoint(tmp_path / "c.pth")
     out = tmp_path / "out"
-    assert _run(["--checkpoint", str(tmp_path / "c.pth"), *tiny(voc, out, freeze="[fc8]", eval_passes=2)]) == 0
+    assert _run(["--checkpoint", str(tmp_path / "c.pth"), *tiny(voc, out, freeze="[fc8]", eval_passes=2, eval_every=1)]) == 0
+    log = [json.loads(ln) for ln in (out / "colorization_fc8" / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in log] == ["train", "eval", "train"] and 0 <= log[1]["mAP"] <= 1  # eval_every=1
     rows = [ln.split(",") for ln in (out / "colorization_fc8" / "scores.csv").read_text().splitlines()[1:]]
     scores = np.array([[float(v) for v in r[1:]] for r in rows])
     from transfer.voc import load_voc_split

@@ -4,7 +4,7 @@ segmentation), with the baselines of Zhang et al. Table 2 built the same way.
 API (what the task modules use)
 -------------------------------
 ``build_backbone(checkpoint=None, random_init=None, supervised=None, *, input="gray", fc="conv",
-conv1_padding=None, images=None, rescale=True, seed=0, fc_dim=4096) -> TransferNet``; exactly one source:
+conv1_padding=None, images=None, rescale=True, seed=0, fc_dim=4096, device=None) -> TransferNet``; one source:
 
 * ``checkpoint``: a pretext checkpoint (``pretext.train``'s format: ``model_name``, ``model_kwargs``, ``model``).
   ``alexnet_cc`` goes through ``pretext.models.alexnet_cc.export_alexnet_transfer`` (standard AlexNet geometry,
@@ -529,20 +529,21 @@ def rescale_backbone(net: TransferNet, x: torch.Tensor, seed: int = 0, tol: floa
 
 
 def _random(kind: str, input_kind: str, fc: str, conv1_padding: int | None, x: torch.Tensor | None,
-            seed: int, fc_dim: int) -> TransferNet:
+            seed: int, fc_dim: int, device: torch.device) -> TransferNet:
     if kind not in RANDOM_INITS:
         raise UserError(f"random_init must be one of {RANDOM_INITS}, got '{kind}'")
     net = alexnet_transfer_net("alexnet_cc", input_kind, fc, fc_dim, conv1_padding)
     g = torch.Generator().manual_seed(seed)
     if kind == "gaussian":
         gaussian_init(net, g)
+        net.to(device)
     else:
         if x is None:
             raise UserError(f"random_init {kind} (data-dependent) needs images")
         from pretext.init import data_dependent_init
 
         torch.manual_seed(seed)
-        net.eval()
+        net.to(device).eval()
         mode = "gaussian" if kind == "dd_gaussian" else kind
         data_dependent_init(net, x, mode=mode, forward=None, rescale=True, layers=weight_layers(net))
     net.info.update(source="random", init=kind, seed=seed)
@@ -552,7 +553,7 @@ def _random(kind: str, input_kind: str, fc: str, conv1_padding: int | None, x: t
 def build_backbone(checkpoint: str | None = None, random_init: str | None = None, supervised: str | None = None, *,
                    input: str = "gray", fc: str = "conv", conv1_padding: int | None = None,
                    images: torch.Tensor | None = None, rescale: bool = True, seed: int = 0,
-                   fc_dim: int = 4096) -> TransferNet:
+                   fc_dim: int = 4096, device: torch.device | str | None = None) -> TransferNet:
     """Build the transfer network from exactly one source (see the module docstring).
 
     Args:
@@ -566,6 +567,7 @@ def build_backbone(checkpoint: str | None = None, random_init: str | None = None
         rescale: rescale a checkpoint's network on ``images`` (the release's post-processing).
         seed: seed of random weights and of the rescaling's injected gradients.
         fc_dim: fc6/fc7 width of a random network (a checkpoint or a supervised file brings its own).
+        device: where the network is built and rescaled / initialised (default: the CPU).
     """
     given = [s for s in (checkpoint, random_init, supervised) if s]
     if len(given) != 1:
@@ -574,20 +576,23 @@ def build_backbone(checkpoint: str | None = None, random_init: str | None = None
         raise UserError(f"input must be one of {INPUT_MODES}, got '{input}'")
     if fc not in FC_LAYOUTS:
         raise UserError(f"fc must be one of {FC_LAYOUTS}, got '{fc}'")
+    device = torch.device(device or "cpu")
+    if images is not None:
+        images = images.to(device)
     if checkpoint:
-        net = _from_checkpoint(checkpoint, fc, conv1_padding)
+        net = _from_checkpoint(checkpoint, fc, conv1_padding).to(device)
         if input == "color":
             _replace_first_conv(net, _conv1_l_to_lab, "Lab")
         if rescale:
             if images is None:
                 raise UserError("rescaling needs images (or turn it off: rescale=false)")
             with torch.no_grad():
-                x = net.prepare(images.to(next(net.parameters()).device))
+                x = net.prepare(images)
             rescale_backbone(net, x, seed)
         else:
             net.info["rescale"] = "off"
     elif supervised:
-        net = _from_supervised(supervised, fc, conv1_padding)
+        net = _from_supervised(supervised, fc, conv1_padding).to(device)
         if input == "gray":
             _replace_first_conv(net, _conv1_rgb_to_grey, "grey")
     else:
@@ -596,7 +601,7 @@ def build_backbone(checkpoint: str | None = None, random_init: str | None = None
         if images is not None:
             with torch.no_grad():
                 x = network_input(images, kind)
-        net = _random(random_init, kind, fc, conv1_padding, x, seed, fc_dim)
+        net = _random(random_init, kind, fc, conv1_padding, x, seed, fc_dim, device)
     net.info["input"] = input
     return net
 

@@ -460,7 +460,7 @@ def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | N
     needs_images = not resume and ((row == "colorization" and cfg.rescale) or (row == "random" and cfg.random_init != "gaussian"))
     images = _init_batch(train_ds, cfg.init_images, cfg.seed) if needs_images else None
     backbone = build_backbone(**src, input=cfg.input, images=images, rescale=cfg.rescale and not resume,
-                              seed=cfg.seed).to(device)
+                              seed=cfg.seed, device=device)
     model = Classifier(backbone, len(VOC_CLASSES), cfg.fc8_std, cfg.fc8_bias, cfg.dropout).to(device)
     trained = freeze(model, level)
     torch.manual_seed(_mix(cfg.seed, "dropout", rank))  # the same model on every rank, its own dropout masks
