@@ -484,7 +484,7 @@ def _has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
-class _RescaleNet(nn.Module):
+class RescaleNet(nn.Module):
     """The network as the release's rescaling net (``train_val_nobn_rs.prototxt``): the trunk to fc7 (no dropout)
     and a random 1000-way 1x1 layer ``fc8_`` (N(0, 0.01), bias 1) on top, where the gradients are injected."""
 
@@ -504,19 +504,19 @@ class _RescaleNet(nn.Module):
 
 
 def rescale_backbone(net: TransferNet, x: torch.Tensor, seed: int = 0, tol: float = 0.01,
-                     max_rounds: int = 10) -> list[float] | None:
+                     max_rounds: int = 10, rescale_net: RescaleNet | None = None) -> list[float] | None:
     """magic_init's between-layer rescaling of ``net`` in place on the network input ``x`` (``net.prepare(rgb)``),
     as the release's ``postprocess_model.sh`` (``magic_init_mod.py -cs``). Returns the final gradient ratios
     (``pretext.init.between_layer_rescale``), or None when skipped (BatchNorm: the ratios would not be those of the
-    network that is fine-tuned)."""
+    network that is fine-tuned). ``rescale_net``: the :class:`RescaleNet` to use (default: a new one from
+    ``seed``; given, its rescaled top stays inspectable)."""
     if _has_batchnorm(net):
         log.info("rescaling skipped: %s has BatchNorm layers (the release rescaled the BN-free AlexNet)", net.arch)
         net.info["rescale"] = "skipped (BatchNorm)"
         return None
     from pretext.init import between_layer_rescale
 
-    g = torch.Generator().manual_seed(seed)
-    rs = _RescaleNet(net, g)
+    rs = rescale_net or RescaleNet(net, torch.Generator().manual_seed(seed))
     was_training = net.training
     rs.eval()
     layers = weight_layers(net, net.stage_names[: net.stage_names.index(rs.top) + 1]) + [rs.fc8_]
