@@ -269,7 +269,7 @@ def _voc_crops(n: int = 8) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _gradient_ratios(rs, x, draws: int = 8) -> torch.Tensor:
+def _gradient_ratios(rs, x, draws: int = 4) -> torch.Tensor:
     """RMS(dW) / RMS(W) of every rescaled layer with N(0, 1) gradients injected at the top of the rescaling net (the
     quantity magic_init equalises), measured here independently of pretext.init: the root of the mean over ``draws``
     of the squared ratio (its expectation over the injected noise)."""
@@ -287,7 +287,7 @@ def _gradient_ratios(rs, x, draws: int = 8) -> torch.Tensor:
 @pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
 def test_rescaling_equalises_gradient_ratios_on_voc_images(tmp_path):
     write_pretext_checkpoint(tmp_path / "c.pth", fc_dim=512)
-    rgb = _voc_crops(16)
+    rgb = _voc_crops(8)
     plain = build_backbone(str(tmp_path / "c.pth"), rescale=False).eval()
     net = build_backbone(str(tmp_path / "c.pth"), rescale=False).eval()
     x = net.prepare(rgb)
@@ -295,11 +295,12 @@ def test_rescaling_equalises_gradient_ratios_on_voc_images(tmp_path):
     before = _gradient_ratios(rs, x)
     ratios = rescale_backbone(net, x, rescale_net=rs)
     reported = torch.tensor(ratios)
-    assert len(ratios) == 8 and net.info["rescale"] == {"images": 16, "ratios": ratios}  # conv1..5, fc6, fc7, fc8_
+    assert len(ratios) == 8 and net.info["rescale"] == {"images": 8, "ratios": ratios}  # conv1..5, fc6, fc7, fc8_
     assert ((reported / reported.log().mean().exp() - 1).abs() < 0.01).all(), reported  # equal within 1%
     after = _gradient_ratios(rs, x)
     spread = lambda r: (r.max() / r.min()).item()  # noqa: E731
-    assert spread(before) > 10 and spread(after) < 1.2, (before, after)  # measured here, over fresh noise
+    # measured here over fresh noise: 1e5 apart before, within 10% after (1% holds for the draw pretext.init used)
+    assert spread(before) > 100 and spread(after) < 1.2, (before, after)
     # a ReLU network without BatchNorm computes the same function up to an output scale
     with torch.no_grad():
         a, b = plain.forward_features(x, "fc7"), net.forward_features(x, "fc7")
@@ -309,3 +310,16 @@ def test_rescaling_equalises_gradient_ratios_on_voc_images(tmp_path):
     assert build_backbone(str(tmp_path / "c.pth"), images=rgb[:4]).info["rescale"]["images"] == 4
     write_pretext_checkpoint(tmp_path / "z.pth", "zhang_vgg")
     assert build_backbone(str(tmp_path / "z.pth"), images=rgb[:1, :, :64, :64]).info["rescale"] == "skipped (BatchNorm)"
+
+
+@pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
+def test_data_dependent_random_init_on_voc_images():
+    rgb = _voc_crops(8)
+    net = build_backbone(random_init="dd_gaussian", images=rgb, fc_dim=64, seed=1)  # kmeans / pca: same path, slower
+    assert net.info["init"] == "dd_gaussian" and net.info["init_report"]["converged"]
+    with torch.no_grad():  # within-layer step: every conv1 channel has the same std on the batch (1, then one scale)
+        pre = net.conv1[0](net.norm(net.prepare(rgb)))
+    sd = pre.transpose(0, 1).flatten(1).std(1)
+    assert (sd / sd.mean() - 1).abs().max() < 1e-3
+    other = build_backbone(random_init="gaussian", fc_dim=64, seed=1)
+    assert not torch.equal(net.conv1[0].weight, other.conv1[0].weight)

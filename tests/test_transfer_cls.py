@@ -181,9 +181,15 @@ def test_finetune_each_freeze_level(tmp_path, input_mode):
     voc = voc_fixture(tmp_path)
     write_pretext_checkpoint(tmp_path / "c.pth")
     out = tmp_path / "out"
-    assert _run(["--checkpoint", str(tmp_path / "c.pth"), *tiny(voc, out, input=input_mode,
-                                                                  freeze="[fc8,fc6-8,all]")]) == 0
-    start = C.Classifier(build_backbone(str(tmp_path / "c.pth"), rescale=False, input=input_mode)).state_dict()
+    rescale = input_mode == "gray"  # the default (rescaled on 4 training crops) once, the plain export once
+    argv = ["--checkpoint", str(tmp_path / "c.pth"), *tiny(voc, out, input=input_mode, freeze="[fc8,fc6-8,all]",
+                                                           rescale=str(rescale).lower(), init_images=4)]
+    assert _run(argv) == 0
+    cfg = load_config(C.ClsConfig, None, [a for a in argv[2:] if a != "--set"])
+    images = C._init_batch(C.get_dataset(cfg)[0], 4, cfg.seed) if rescale else None
+    torch.manual_seed(cfg.seed)
+    start = C.Classifier(build_backbone(str(tmp_path / "c.pth"), rescale=rescale, images=images,
+                                        input=input_mode)).state_dict()
     summary = json.loads((out / "results.json").read_text())
     trained_prefix = {"fc8": ("fc8.",), "fc6-8": ("fc8.", "backbone.fc6.", "backbone.fc7."), "all": ("",)}
     for level in ("fc8", "fc6-8", "all"):
@@ -191,6 +197,7 @@ def test_finetune_each_freeze_level(tmp_path, input_mode):
         res = json.loads((run / "results.json").read_text())
         assert res == summary["runs"][f"colorization_{level}"]
         assert res["iterations"] == 2 and res["input"] == input_mode and "bit-identical" in res["frozen_check"]
+        assert (res["backbone"]["rescale"]["images"] == 4) if rescale else res["backbone"]["rescale"] == "off"
         assert 0 <= res["mAP"] <= 1 and res["num_classes_evaluated"] >= 2
         evaluated = [v for v in res["ap"].values() if v is not None]
         assert res["mAP"] == pytest.approx(np.mean(evaluated))

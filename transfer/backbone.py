@@ -517,12 +517,8 @@ def rescale_backbone(net: TransferNet, x: torch.Tensor, seed: int = 0, tol: floa
     from pretext.init import between_layer_rescale
 
     rs = rescale_net or RescaleNet(net, torch.Generator().manual_seed(seed))
-    was_training = net.training
-    rs.eval()
     layers = weight_layers(net, net.stage_names[: net.stage_names.index(rs.top) + 1]) + [rs.fc8_]
-    torch.manual_seed(seed)
-    ratios = between_layer_rescale(rs, x, forward=None, layers=layers, tol=tol, max_rounds=max_rounds)
-    net.train(was_training)
+    ratios = between_layer_rescale(rs, x, forward=None, layers=layers, tol=tol, max_rounds=max_rounds, seed=seed)
     ratios = [float(r) for r in ratios]
     net.info["rescale"] = {"images": int(x.shape[0]), "ratios": ratios}
     return ratios
@@ -542,10 +538,10 @@ def _random(kind: str, input_kind: str, fc: str, conv1_padding: int | None, x: t
             raise UserError(f"random_init {kind} (data-dependent) needs images")
         from pretext.init import data_dependent_init
 
-        torch.manual_seed(seed)
-        net.to(device).eval()
+        net.to(device)
         mode = "gaussian" if kind == "dd_gaussian" else kind
-        data_dependent_init(net, x, mode=mode, forward=None, rescale=True, layers=weight_layers(net))
+        report = data_dependent_init(net, x, mode=mode, forward=None, rescale=True, layers=weight_layers(net), seed=seed)
+        net.info["init_report"] = {"rounds": report["rounds"], "converged": report["converged"]}
     net.info.update(source="random", init=kind, seed=seed)
     return net
 
