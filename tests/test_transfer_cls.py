@@ -331,3 +331,20 @@ def test_ddp_two_processes_gloo_equals_one_process(tmp_path):
     ra = json.loads((tmp_path / "one" / "results.json").read_text())["runs"]["colorization_fc6-8"]
     rb = json.loads((tmp_path / "two" / "results.json").read_text())["runs"]["colorization_fc6-8"]
     assert ra["mAP"] == pytest.approx(rb["mAP"], abs=1e-6) and rb["num_test"] == 4
+
+
+def test_checkpoint_written_by_pretext_train(tmp_path):
+    """A checkpoint as ``pretext.train`` writes it (two steps on the embedded sample), fine-tuned end to end."""
+    from pretext import train
+
+    args = [f"data=[{REPO / 'pretext' / 'sample' / 'train'}]", "size=96", "model=alexnet_cc", "model_kwargs={fc_dim: 16}",
+            "loss=ce", "init=default", "batch_size=4", "max_steps=2", "max_images=8", "workers=0", "device=cpu",
+            "progress=false", "image_every=0", "tensorboard=false", f"out_dir={tmp_path / 'pretext'}"]
+    assert train.main(train.get_args_parser().parse_args([a for kv in args for a in ("--set", kv)])) == 0
+    voc = voc_fixture(tmp_path, 4, 2)
+    out = tmp_path / "out"
+    assert _run(["--checkpoint", str(tmp_path / "pretext" / "checkpoint.pth"),
+                 *tiny(voc, out, freeze="[all]", max_iter=1, rescale="true", init_images=2)]) == 0
+    res = json.loads((out / "colorization_all" / "results.json").read_text())
+    assert res["backbone"]["model_name"] == "alexnet_cc" and res["backbone"]["step"] == 2
+    assert len(res["backbone"]["rescale"]["ratios"]) == 8
