@@ -16,6 +16,7 @@ from test_voc import SHARED, write_vocdevkit
 from pretext.runtime import UserError, load_checkpoint, load_config
 from transfer import classification as C
 from transfer.backbone import build_backbone
+from transfer.sampling import IterationSampler
 from transfer.voc import VOC_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,19 +133,19 @@ def test_square_crop_matches_a_transcription_of_the_caffe_layer(side, cx, cy, fl
 
 
 def test_iteration_sampler_ranks_union_and_resume():
-    single = C.IterationSampler(10, 4, 0, 1, seed=3)
+    single = IterationSampler(10, 4, 0, 1, seed=3)
     single.set_range(0, 6)
     s = list(single)
     ranks = []
     for r in range(2):
-        sm = C.IterationSampler(10, 2, r, 2, seed=3)
+        sm = IterationSampler(10, 2, r, 2, seed=3)
         sm.set_range(0, 6)
         ranks.append(list(sm))
     for it in range(6):  # every iteration: rank 0's half then rank 1's half is the single-process batch
         assert s[4 * it:4 * it + 4] == ranks[0][2 * it:2 * it + 2] + ranks[1][2 * it:2 * it + 2]
     assert sorted(i for i, _ in s[:10]) == list(range(10)) and sorted(i for i, _ in s[10:20]) == list(range(10))
     assert s[:10] != s[10:20] and len({seed for _, seed in s}) == 24  # a new permutation per pass, seeds per position
-    resumed = C.IterationSampler(10, 4, 0, 1, seed=3)
+    resumed = IterationSampler(10, 4, 0, 1, seed=3)
     resumed.set_range(3, 6)
     assert list(resumed) == s[12:]
 

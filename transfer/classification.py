@@ -63,7 +63,8 @@ from pretext.runtime import (
 )
 
 from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe
-from .voc import VOC_CLASSES, LABEL_SOURCES, load_voc_split, sklearn_ap, voc07_11pt_ap
+from .sampling import EvalSampler, IterationSampler, seed_of
+from .voc import LABEL_SOURCES, VOC_CLASSES, load_voc_split, sklearn_ap, voc07_11pt_ap
 
 FORMAT = "crosschannel/transfer-cls-v1"
 FREEZE_LEVELS = {"fc8": None, "fc6-8": "fc6", "all": ""}  #: level -> first trained stage (None: only fc8; "": all)
@@ -212,54 +213,6 @@ class VOCClassification(torch.utils.data.Dataset):
         side, cx, cy, flip = crop_params(img.shape[1], img.shape[2], c.crop, c.min_scale, c.max_scale, c.flip, g,
                                          self.center)
         return square_crop(img, side, cx, cy, flip, c.crop), self.labels[i], i, True
-
-
-def _mix(*parts: int) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class IterationSampler(torch.utils.data.Sampler):
-    """Iteration-based, resumable sampling: global position p = it * B + rank * b + j (B = b * world) reads image
-    perm_e[p mod N] with e = p // N (a permutation per pass over the data, seeded), and its crop seed is a hash of
-    (seed, p). The union over the ranks of iteration ``it`` is exactly the batch a single process with batch B
-    draws, and resuming at iteration ``it`` continues the same stream."""
-
-    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.n, self.b, self.rank, self.world, self.seed = n, batch, rank, world, seed
-        self.start = self.stop = 0
-        self._perms: dict[int, list[int]] = {}
-
-    def set_range(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
-
-    def _perm(self, e: int) -> list[int]:
-        if e not in self._perms:
-            self._perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, e))).tolist()}
-        return self._perms[e]
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.b
-
-    def __iter__(self):
-        B = self.b * self.world
-        for it in range(self.start, self.stop):
-            for j in range(self.b):
-                p = it * B + self.rank * self.b + j
-                e, k = divmod(p, self.n)
-                yield self._perm(e)[k], _mix(self.seed, p)
-
-
-class EvalSampler(torch.utils.data.Sampler):
-    """Every (pass, image) once over all ranks (rank r takes images r, r + world, ...), crop seeds per (pass, image)."""
-
-    def __init__(self, n: int, passes: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.items = [(i, _mix(seed, "eval", k, i)) for k in range(passes) for i in range(rank, n, world)]
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 # --------------------------------------------------------------------------------------------- model, loss
@@ -445,7 +398,7 @@ def _init_batch(dataset: VOCClassification, n: int, seed: int) -> torch.Tensor |
     if n == 0:
         return None
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    crops = [dataset[(order[k % len(dataset)], _mix(seed, "init", k))] for k in range(n)]
+    crops = [dataset[(order[k % len(dataset)], seed_of(seed, "init", k))] for k in range(n)]
     return torch.stack([c[0] for c in crops if c[3]])
 
 
@@ -463,7 +416,7 @@ def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | N
                               seed=cfg.seed, device=device)
     model = Classifier(backbone, len(VOC_CLASSES), cfg.fc8_std, cfg.fc8_bias, cfg.dropout).to(device)
     trained = freeze(model, level)
-    torch.manual_seed(_mix(cfg.seed, "dropout", rank))  # the same model on every rank, its own dropout masks
+    torch.manual_seed(seed_of(cfg.seed, "dropout", rank))  # the same model on every rank, its own dropout masks
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
