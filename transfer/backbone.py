@@ -46,6 +46,24 @@ has; skipped, with a log line, for networks with BatchNorm.
 
 Key conversion is explicit (:func:`convert_state_dict`): every source key is mapped or listed as dropped; any
 missing or unexpected key is a one-line :class:`pretext.runtime.UserError` naming the file and the keys.
+
+Geometry: the colorization AlexNet (``arch`` 'alexnet_cc': 96/256/384/384/256 channels, groups 2 in conv2/4/5,
+conv1 padding 0) pools 3/2 rounding up as Caffe does (227 px -> conv5 13x13 -> pool5 6x6; the FCN crop offsets of
+the release assume Caffe's rounding); torchvision's AlexNet/VGG round down as they were trained. ``device`` builds
+(and rescales) on that device; ``images`` are moved there. Other helpers: :func:`network_input` (the conversion
+behind ``prepare``), :func:`weight_layers` (conv/linear layers of some stages, e.g. for parameter groups),
+:func:`rescale_backbone` / :class:`RescaleNet` (the rescaling alone), :func:`describe` (one line for logs).
+
+Examples::
+
+    rgb = next(iter(loader))[0]                                   # real training images, (B, 3, H, W) in [0, 1]
+    # detection (Fast R-CNN on conv5): body at stride 16, box head from the pretrained fc6/fc7
+    net = build_backbone(ckpt, input="gray", fc="linear", images=rgb, device=dev)
+    body, head = net.trunk("conv5"), net.box_head()               # body(net.prepare(rgb)): (B, 256, ~H/16, ~W/16)
+    body.out_channels = net.channels("conv5")                     # torchvision's FasterRCNN wants it
+    # segmentation (FCN-32s): conv1 padded by 100, fc6 6x6 and fc7 1x1 convolutions
+    net = build_backbone(ckpt, input="color", fc="conv", conv1_padding=100, images=rgb, device=dev)
+    score_in = net(net.prepare(rgb))                              # drop7 output, (B, 4096, h, w) at stride 32
 """
 from __future__ import annotations
 

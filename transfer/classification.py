@@ -236,6 +236,9 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)
         if f.dim() == 4:
+            if self.backbone.has_fc and f.shape[-2:] != (1, 1):
+                raise UserError(f"a {x.shape[-1]} px crop gives a {f.shape[-2]}x{f.shape[-1]} fc7 map; "
+                                f"{self.backbone.arch}'s fc6 needs 227 px (crop: 227)")
             f = f.flatten(1) if self.backbone.has_fc else f.mean((2, 3))
         return self.fc8(f)
 
