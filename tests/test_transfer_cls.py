@@ -242,9 +242,9 @@ def test_baseline_rows_in_one_command(tmp_path):
     write_torchvision_alexnet(tmp_path / "alexnet.pth")
     out = tmp_path / "out"
     assert _run(tiny(voc, out, rows="[random,supervised]", freeze="[fc8]", supervised=f"alexnet:{tmp_path / 'alexnet.pth'}",
-                     input="color", max_iter=1)) == 0
+                     input="color", max_iter=1, eval_crop="center", eval_passes=10)) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert set(runs) == {"random_fc8", "supervised_fc8"}
+    assert set(runs) == {"random_fc8", "supervised_fc8"} and runs["random_fc8"]["eval"].startswith("1 x center")
     assert runs["random_fc8"]["backbone"]["init"] == "gaussian" and runs["supervised_fc8"]["backbone"]["source"] == "supervised"
     assert "| supervised | fc8 | color |" in (out / "results.md").read_text() and "| 76.8 |" in (out / "results.md").read_text()
 
