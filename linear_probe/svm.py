@@ -49,7 +49,7 @@ from .cache import pool_features
 from .compare import pooling_label
 from .encoder import add_encoder_args, build_encoder, fingerprint, load_encoder_config
 from .heads import TapPools
-from .voc import AP_TYPES, VOC_CLASSES, average_precision, load_voc_split
+from transfer.voc import AP_TYPES, VOC_CLASSES, average_precision, load_voc_split
 
 # tools/svm/svm_helper.py parse_cost_list(): the costs given on the command line (GETTING_STARTED.md) + 0.5^4..0.5^19
 GOYAL_COSTS = [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0] + [0.5 ** k for k in range(4, 20)]
