@@ -265,6 +265,11 @@ def test_coco_ap_on_the_same_detections():
     res = score(anns, more, "voc07_11pt", ("dog", "cat"))
     assert res["ap"]["dog"] == pytest.approx(1.0) and res["coco"]["AP50"] == pytest.approx(1.0)
     assert coco_ap(anns, {"dog": Detections.empty()}, ("dog", "cat"))["AP"] is None
+    # the COCO protocol's 100 detections per image over all classes: 100 better-scored (false) cats in image a push
+    # its dog out (AP50: dog 1 -> 0; cat, whose one box is in b, 0)
+    crowded = {"cat": _dets([("a", 0.9, 1, 1, 5, 5)] * 100), "dog": _dets([("a", 0.5, 11, 11, 50, 60)])}
+    assert coco_ap(anns, crowded, ("dog", "cat"), max_per_image=101)["AP50"] == pytest.approx(0.5)
+    assert coco_ap(anns, crowded, ("dog", "cat"))["AP50"] == pytest.approx(0.0)
 
 
 def test_det_eval_command_on_a_devkit(tmp_path, capsys):

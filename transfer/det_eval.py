@@ -25,7 +25,8 @@ boxes in the image set has no AP (reported as null, left out of the mAP, with a 
 voc_eval's ``int()`` refuses).
 
 COCO-style AP (pycocotools, AP at IoU 0.50:0.95 and the rest of ``COCOeval.summarize``) is computed on the same
-detections and ground truth converted to COCO json: inclusive pixel boxes become ``[x1 - 1, y1 - 1, x2 - x1 + 1,
+detections, each image's 100 best over all classes (the COCO protocol's limit per image; VOC's AP keeps them all),
+and the ground truth converted to COCO json: inclusive pixel boxes become ``[x1 - 1, y1 - 1, x2 - x1 + 1,
 y2 - y1 + 1]`` and difficult objects become ``iscrowd`` regions, so that detections on them are ignored as in VOC
 (COCO's crowd overlap is intersection over the detection's area, not IoU: the one difference).
 """
@@ -209,9 +210,10 @@ def ap_kind_for(root: str | Path, kind: str = "auto") -> str:
 
 
 # --------------------------------------------------------------------------------------------- COCO
-def coco_ap(gt: dict[str, VOCAnnotation], dets: dict[str, Detections], classes: tuple[str, ...] = VOC_CLASSES
-            ) -> dict[str, float | None]:
-    """COCO-style AP of the same detections (pycocotools), ground truth converted to COCO json (module docstring)."""
+def coco_ap(gt: dict[str, VOCAnnotation], dets: dict[str, Detections], classes: tuple[str, ...] = VOC_CLASSES,
+            max_per_image: int = 100) -> dict[str, float | None]:
+    """COCO-style AP (pycocotools) of each image's ``max_per_image`` best detections over all classes, ground truth
+    converted to COCO json (module docstring)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -227,9 +229,13 @@ def coco_ap(gt: dict[str, VOCAnnotation], dets: dict[str, Detections], classes: 
             w, h = x2 - x1 + 1, y2 - y1 + 1
             anns.append({"id": len(anns) + 1, "image_id": img_id[i], "category_id": cat_id[o.name],
                          "bbox": [x1 - 1, y1 - 1, w, h], "area": w * h, "iscrowd": int(o.difficult)})
-    res = []
+    per_image: dict[str, list] = {}
     for c, d in dets.items():
         for i, s, b in zip(d.image_ids, d.scores.tolist(), d.boxes.tolist()):
+            per_image.setdefault(i, []).append((s, c, b))
+    res = []
+    for i, rows in per_image.items():
+        for s, c, b in sorted(rows, key=lambda r: -r[0])[:max_per_image]:
             res.append({"image_id": img_id[i], "category_id": cat_id[c], "score": s,
                         "bbox": [b[0] - 1, b[1] - 1, b[2] - b[0] + 1, b[3] - b[1] + 1]})
     if not res or not anns:
