@@ -23,11 +23,11 @@ from test_transfer_backbone import write_pretext_checkpoint
 from test_voc import write_vocdevkit
 from transfer.backbone import build_backbone
 from transfer.det_eval import evaluate_results
+from transfer.sampling import IterationSampler
 from transfer.detection import (
     DetConfig,
     DetDataset,
     FastRCNNHeads,
-    IterationSampler,
     RoIPool,
     build_detector,
     build_optimizer,
@@ -315,8 +315,11 @@ def test_solver_multipliers_and_schedule():
 
 # --------------------------------------------------------------------------------------------- end to end
 def test_train_and_evaluate_on_a_devkit_fixture(devkit, tmp_path):
+    from pretext.cli import main as crosschannel
+
     out = tmp_path / "run"
-    assert _run(["--voc", str(devkit), "--set", f"out_dir={out}", "--set", "freeze_until=conv1", *sum((["--set", s] for s in TINY), [])]) == 0
+    assert crosschannel(["transfer", "det", "--voc", str(devkit), "--set", f"out_dir={out}", "--set", "freeze_until=conv1",
+                         *sum((["--set", s] for s in TINY), [])]) == 0
     row = out / "random"
     res = json.loads((row / "results.json").read_text())
     assert res["iterations"] == 2 and res["num_test_images"] == 2 and res["num_classes_evaluated"] == 3
@@ -341,8 +344,9 @@ def test_train_and_evaluate_on_a_devkit_fixture(devkit, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_row_color_input_precomputed_proposals_on_voc_sample(shared_data, tmp_path):
-    """The colorization row (a pretext checkpoint, Lab input) with selective-search-style proposals on the three
-    real VOC2012 images of ../shared/data/voc_sample (no ImageSets: every image in both splits)."""
+    """The colorization row (a pretext checkpoint, rescaled as the release, Lab input) with selective-search-style
+    proposals on the three real VOC2012 images of ../shared/data/voc_sample (no ImageSets: every image in both
+    splits)."""
     voc = shared_data / "voc_sample" / "bbox_detection"
     write_pretext_checkpoint(tmp_path / "c.pth")
     props = tmp_path / "props"
@@ -353,13 +357,14 @@ def test_checkpoint_row_color_input_precomputed_proposals_on_voc_sample(shared_d
         np.save(props / f"{p.stem}.npy", np.concatenate([xy, xy + rng.uniform(20, 200, (50, 2))], 1))
     out = tmp_path / "run"
     args = ["--voc", str(voc), "--checkpoint", str(tmp_path / "c.pth"), *sum((["--set", s] for s in TINY), []),
-            "--set", "rows=colorization", "--set", "input=color", "--set", "rescale=false", "--set", f"proposals={props}",
+            "--set", "rows=colorization", "--set", "input=color", "--set", "init_images=3", "--set", f"proposals={props}",
             "--set", "fallback_split=all", "--set", f"out_dir={out}", "--set", "train_scales=[96,128]",
             "--set", "test_scale=96", "--set", "ap=area"]
     assert _run(args) == 0
     res = json.loads((out / "colorization" / "results.json").read_text())
     assert res["num_test_images"] == 3 and res["ap_type"] == "area" and res["input"] == "color"
     assert res["published_mAP"] == 47.9 and res["backbone"]["source"] == "checkpoint"
+    assert res["backbone"]["rescale"]["images"] == 3  # the release's rescaling, on 3 real training images
     assert "| colorization | color |" in (out / "results.md").read_text()
     model = load_checkpoint(out / "colorization" / "checkpoint.pth")["model"]
     assert not any(k.startswith("rpn.") for k in model) and model["backbone.body.conv1.0.weight"].shape[1] == 3

@@ -91,6 +91,7 @@ from pretext.runtime import (
 from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe, network_input
 from .det_eval import Detections, ap_kind_for, format_table, load_ground_truth, read_results, results_path, score, \
     write_results
+from .sampling import IterationSampler, seed_of
 from .voc import VOC_CLASSES, find_voc_root, load_voc_split, read_annotation
 
 FORMAT = "crosschannel/transfer-det-v1"
@@ -304,10 +305,6 @@ def image_scale(h: int, w: int, target: int, max_size: int) -> float:
     return s
 
 
-def _mix(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
 class DetDataset(torch.utils.data.Dataset):
     """Items ``(index, seed)`` -> dict(image (3, h, w) RGB in [0, 1] at its scale, target (continuous boxes at that
     scale, labels), proposals (or None), index, scale, flipped, ok). Training: index in [0, 2N) with flips (the
@@ -361,38 +358,6 @@ class DetDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict]) -> list[dict]:
     return items
-
-
-class IterationSampler(torch.utils.data.Sampler):
-    """Iteration-based, resumable: global position p = it * B + rank * b + j (B = b * world) reads entry
-    perm_e[p mod N] of a seeded permutation per pass e = p // N; its scale seed is a hash of (seed, p). The union of
-    the ranks' items at iteration ``it`` is the batch one process with B images draws; resuming at ``it``
-    continues the same stream."""
-
-    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.n, self.b, self.rank, self.world, self.seed = n, batch, rank, world, seed
-        self.start = self.stop = 0
-        self._perm: tuple[int, list[int]] = (-1, [])
-
-    def set_range(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
-
-    def _entry(self, p: int) -> int:
-        e, k = divmod(p, self.n)
-        if self._perm[0] != e:
-            g = torch.Generator().manual_seed(_mix(self.seed, "perm", e))
-            self._perm = (e, torch.randperm(self.n, generator=g).tolist())
-        return self._perm[1][k]
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.b
-
-    def __iter__(self):
-        B = self.b * self.world
-        for it in range(self.start, self.stop):
-            for j in range(self.b):
-                p = it * B + self.rank * self.b + j
-                yield self._entry(p), _mix(self.seed, "item", p)
 
 
 # --------------------------------------------------------------------------------------------- the detector
@@ -765,7 +730,7 @@ def _init_images(records: list[Record], n: int, seed: int) -> torch.Tensor | Non
     rescaling / data-dependent init (the network's 227 px input geometry)."""
     if n == 0:
         return None
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(_mix(seed, "init"))).tolist()
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed_of(seed, "init"))).tolist()
     out = []
     for k in range(n):
         r = records[order[k % len(records)]]
@@ -794,7 +759,7 @@ def run_one(cfg: DetConfig, row: str, run_dir: Path, resume: str | None, data, d
                                    (row == "random" and cfg.random_init != "gaussian"))
     images = _init_images(train_records, cfg.init_images, cfg.seed) if needs_images else None
     net = build_backbone(**src, input=cfg.input, fc="linear", images=images, rescale=cfg.rescale and not resume,
-                         seed=cfg.seed, fc_dim=cfg.fc_dim)
+                         seed=cfg.seed, fc_dim=cfg.fc_dim, device=device)
     model = build_detector(net, cfg).to(device)
     frozen_stages = freeze(model, cfg.freeze_until)
     if cfg.channels_last and device.type == "cuda":
@@ -825,7 +790,7 @@ def run_one(cfg: DetConfig, row: str, run_dir: Path, resume: str | None, data, d
             truncate_jsonl(run_dir / "log.jsonl", state["iter"], key="iter")
         log.info("%s: resumed from %s at iteration %d", row, resume, state["iter"])
     else:
-        torch.manual_seed(_mix(cfg.seed, "train", rank))  # the same weights on every rank, its own dropout / sampling
+        torch.manual_seed(seed_of(cfg.seed, "train", rank))  # the same weights on every rank, its own dropout / sampling
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     before = fingerprints(model, frozen)
     raw = model
