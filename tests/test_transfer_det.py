@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from pretext.runtime import UserError, build_config, load_checkpoint
-from test_transfer_backbone import write_pretext_checkpoint
+from test_transfer_backbone import write_pretext_checkpoint, write_torchvision_alexnet
 from test_voc import write_vocdevkit
 from transfer.backbone import build_backbone
 from transfer.det_eval import evaluate_results
@@ -218,7 +218,7 @@ def test_detector_on_the_pretrained_fc6_fc7_with_fast_rcnn_init(tmp_path):
     pred = m.roi_heads.box_predictor
     assert pred.cls_score.out_features == 21 and pred.bbox_pred.out_features == 84
     assert pred.cls_score.bias.abs().sum() == 0 and pred.bbox_pred.bias.abs().sum() == 0
-    big = build_detector(build_backbone(random_init="gaussian", fc="linear", fc_dim=4096), _cfg())
+    big = build_detector(build_backbone(random_init="gaussian", fc="linear", fc_dim=1024), _cfg())
     assert abs(big.roi_heads.box_predictor.cls_score.weight.std().item() - 0.01) < 5e-4
     assert abs(big.roi_heads.box_predictor.bbox_pred.weight.std().item() - 0.001) < 5e-5
     m.eval()
@@ -335,11 +335,43 @@ def test_train_and_evaluate_on_a_devkit_fixture(devkit, tmp_path):
     assert "| random | gray |" in (out / "results.md").read_text() and (out / "config.yaml").is_file()
     ck = load_checkpoint(row / "checkpoint.pth")
     assert ck["iter"] == 2 and ck["row"] == "random"
+    assert (row / "tensorboard").is_dir()
     # a finished run is never overwritten; --resume keeps its results
+    args = ["--voc", str(devkit), "--set", f"out_dir={out}", "--set", "freeze_until=conv1", *sum((["--set", s] for s in TINY), [])]
     with pytest.raises(UserError, match="exists: pass --resume"):
-        _run(["--voc", str(devkit), "--set", f"out_dir={out}", *sum((["--set", s] for s in TINY), [])])
-    assert _run(["--voc", str(devkit), "--set", f"out_dir={out}", "--resume", *sum((["--set", s] for s in TINY), [])]) == 0
+        _run(args)
+    assert _run(args + ["--resume"]) == 0
     assert "random: finished earlier, results kept" in (out / "log.txt").read_text()
+    # an unfinished row: a changed recipe is refused, a longer run continues (recorded), stale temp files go
+    (row / "results.json").unlink()
+    with pytest.raises(UserError, match=r"resuming with a changed config \(lr: 0.001 -> 0.01\)"):
+        _run(args + ["--resume", "--set", "lr=0.01"])
+    assert "lr: 0.001" in (out / "config.yaml").read_text()  # refused before anything was written
+    (row / ".checkpoint.pth.x1y2.tmp").write_bytes(b"torn")
+    assert _run(args + ["--resume", "--set", "max_iter=3"]) == 0
+    assert load_checkpoint(row / "checkpoint.pth")["iter"] == 3 and not (row / ".checkpoint.pth.x1y2.tmp").exists()
+    assert [json.loads(line)["iter"] for line in (row / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    hist = json.loads((row / "config_history.jsonl").read_text().splitlines()[-1])
+    assert hist["step"] == 2 and hist["changes"]["max_iter"] == {"old": 2, "new": 3}
+    # two runs never share a folder
+    from pretext.runtime import RunLock
+
+    with RunLock(out):
+        with pytest.raises(UserError, match="is in use by another run"):
+            _run(args + ["--resume"])
+
+
+def test_supervised_row_is_the_torchvision_alexnet(tmp_path):
+    tv = write_torchvision_alexnet(tmp_path / "alexnet.pth", fc_dim=32)
+    net = build_backbone(supervised=f"alexnet:{tmp_path / 'alexnet.pth'}", fc="linear", input="gray")
+    m = build_detector(net, _cfg(rows=["supervised"], supervised="alexnet:x"))
+    assert torch.equal(m.roi_heads.box_head.fc6[0].weight, tv.classifier[1].weight)
+    assert torch.equal(m.roi_heads.box_head.fc7[0].weight, tv.classifier[4].weight)
+    assert m.backbone.input_kind == "grey" and m.backbone.out_channels == 256 and m.roi_heads.box_roi_pool.output_size == 6
+    m.eval()
+    with torch.no_grad():
+        out = m([torch.rand(3, 96, 128)])[0]
+    assert out["boxes"].shape[1] == 4
 
 
 @pytest.mark.slow

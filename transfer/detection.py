@@ -89,7 +89,7 @@ from pretext.runtime import (
 )
 
 from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe, network_input
-from .det_eval import Detections, ap_kind_for, format_table, load_ground_truth, read_results, results_path, score, \
+from .det_eval import AP_KINDS, Detections, ap_kind_for, format_table, load_ground_truth, read_results, results_path, score, \
     write_results
 from .sampling import IterationSampler, seed_of
 from .voc import VOC_CLASSES, find_voc_root, load_voc_split, read_annotation
@@ -114,7 +114,7 @@ class DetConfig:
     test_split: str = "test"
     fallback_split: str = param("error", choices=("error", "all", "random"))  #: without ImageSets (transfer.voc)
     proposals: str = "rpn"  #: rpn (torchvision's RPN, trained jointly) | a folder of precomputed proposals per image
-    proposals_max: int = param(0, ge=0)  #: keep the first N proposals of each file (0: all)
+    proposals_max: int = param(0, ge=0, le=1_000_000)  #: keep the first N proposals of each file (0: all)
     # what is fine-tuned (Table 2 rows)
     checkpoint: str = ""  #: pretext checkpoint (row 'colorization')
     random_init: str = param("gaussian", choices=RANDOM_INITS)  #: row 'random'
@@ -142,23 +142,23 @@ class DetConfig:
     box_smooth_l1_beta: float = param(1.0, gt=0)  #: Fast R-CNN's SmoothL1Loss (sigma 1); torchvision uses 1/9
     bbox_reg_weights: list[float] = param(default_factory=lambda: [10.0, 10.0, 5.0, 5.0], gt=0)
     # RPN (py-faster-rcnn lib/fast_rcnn/config.py, end-to-end training)
-    anchor_sizes: list[int] = param(default_factory=lambda: [128, 256, 512], ge=1)
-    anchor_ratios: list[float] = param(default_factory=lambda: [0.5, 1.0, 2.0], gt=0)
-    rpn_pre_nms_train: int = param(12000, ge=1)
-    rpn_post_nms_train: int = param(2000, ge=1)
-    rpn_pre_nms_test: int = param(6000, ge=1)
-    rpn_post_nms_test: int = param(300, ge=1)
+    anchor_sizes: list[int] = param(default_factory=lambda: [128, 256, 512], ge=1, le=8000)
+    anchor_ratios: list[float] = param(default_factory=lambda: [0.5, 1.0, 2.0], gt=0, le=100)
+    rpn_pre_nms_train: int = param(12000, ge=1, le=1_000_000)
+    rpn_post_nms_train: int = param(2000, ge=1, le=100_000)
+    rpn_pre_nms_test: int = param(6000, ge=1, le=1_000_000)
+    rpn_post_nms_test: int = param(300, ge=1, le=100_000)
     rpn_nms: float = param(0.7, gt=0, le=1)
     rpn_fg_iou: float = param(0.7, gt=0, le=1)
     rpn_bg_iou: float = param(0.3, ge=0, le=1)
-    rpn_batch: int = param(256, ge=1)
+    rpn_batch: int = param(256, ge=1, le=100_000)
     rpn_fg_fraction: float = param(0.5, gt=0, le=1)
     # test (lib/fast_rcnn/test.py: test_net)
     test_nms: float = param(0.3, gt=0, le=1)
-    detections_per_class: int = param(100, ge=1)  #: per class per image, the top by score (before NMS, as test_net)
-    max_per_set: int = param(40, ge=0)  #: per class over the test set: at most this x number of images (0: off)
+    detections_per_class: int = param(100, ge=1, le=100_000)  #: per class per image, the top by score (before NMS, as test_net)
+    max_per_set: int = param(40, ge=0, le=100_000)  #: per class over the test set: at most this x number of images (0: off)
     score_thresh: float = param(0.0, ge=0, lt=1)  #: fast-rcnn keeps every score
-    ap: str = param("auto", choices=("auto", "voc07_11pt", "area"))  #: auto: 11-point for VOC2007, area for 2010+
+    ap: str = param("auto", choices=AP_KINDS)  #: auto: 11-point for VOC2007, area for 2010+
     coco: bool = True  #: also COCO-style AP (pycocotools) on the same detections
     vis_images: int = param(4, ge=0, le=64)  #: test images drawn in detections.png
     vis_thresh: float = param(0.5, ge=0, le=1)
@@ -204,7 +204,7 @@ class DetConfig:
         if len(self.bbox_reg_weights) != 4:
             raise UserError("config key 'bbox_reg_weights': four numbers (x, y, w, h)")
         if not self.proposals or (self.proposals != "rpn" and not Path(self.proposals).is_dir()):
-            raise UserError(f"proposals {self.proposals}: not a folder (give 'rpn' or a folder of per-image files)")
+            raise UserError(f"proposals '{self.proposals}': not a folder (give 'rpn' or a folder of per-image files)")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -746,8 +746,8 @@ def _init_images(records: list[Record], n: int, seed: int) -> torch.Tensor | Non
     return torch.stack(out) if out else None
 
 
-def run_one(cfg: DetConfig, row: str, run_dir: Path, resume: str | None, data, dist_info, device, stop: GracefulStop,
-            allow_change: bool) -> tuple[dict | None, bool]:
+def run_one(cfg: DetConfig, row: str, run_dir: Path, resume: str | None, data, dist_info, device,
+            stop: GracefulStop) -> tuple[dict | None, bool]:
     """Fine-tune one row and evaluate it; returns (its results on the main process, whether a signal stopped it)."""
     train_records, test_records, root, data_info = data
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
@@ -771,10 +771,7 @@ def run_one(cfg: DetConfig, row: str, run_dir: Path, resume: str | None, data, d
     state = dict(iter=0, skipped=0)
     info = dict(net.info)
     if resume:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("format") != FORMAT or ckpt.get("row") != row:
-            raise UserError(f"{resume}: not a detection checkpoint of row '{row}'")
-        check_resume_config(ckpt["config"], config_to_dict(cfg), GUARDED, allow_change, run_dir, ckpt["iter"])
+        ckpt = load_checkpoint(resume)  # checked by check_resumable
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -986,6 +983,23 @@ def get_data(cfg: DetConfig):
     return train, test, root, {"train": [r.image_id for r in train], "dropped": tr_info["dropped_without_objects"]}
 
 
+def check_resumable(path: str, row: str, cfg: DetConfig, run_dir: Path, allow_change: bool, dist_info, device
+                    ) -> None:
+    """Before anything is written: ``path`` is a detection checkpoint of ``row`` and the config keeps its recipe
+    (:data:`GUARDED`; other changes are recorded in ``config_history.jsonl`` by the main process). All ranks agree."""
+    error = None
+    if dist_info.is_main:
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt.get("format") != FORMAT or ckpt.get("row") != row:
+                raise UserError(f"{path}: not a detection checkpoint of row '{row}'")
+            check_resume_config(ckpt["config"], config_to_dict(cfg), GUARDED, allow_change, run_dir, ckpt["iter"])
+        except UserError as e:
+            error = e
+    if any_process([error is not None], device)[0]:
+        raise error or UserError(f"{path}: refused by the main process (see its error)")
+
+
 def main(args) -> int:
     extra = [f"{k}={getattr(args, k)}" for k in ("voc", "checkpoint") if getattr(args, k, None)]
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
@@ -1016,6 +1030,9 @@ def run(cfg: DetConfig, resume: str | None = None, force: bool = False, allow_ch
             run_dir = out_dir / row
             done = (run_dir / "results.json").is_file() and resume is not None
             plan.append((row, run_dir, None if done else resolve_resume(resume, run_dir / "checkpoint.pth", force), done))
+        for row, run_dir, ckpt, _ in plan:
+            if ckpt:
+                check_resumable(ckpt, row, cfg, run_dir, allow_change, dist_info, device)
         if dist_info.is_main:
             save_config(cfg, out_dir)
         results = {}
@@ -1028,7 +1045,7 @@ def run(cfg: DetConfig, resume: str | None = None, force: bool = False, allow_ch
                 if dist_info.is_main:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     remove_stale_tmp(run_dir)
-                res, stopped = run_one(cfg, row, run_dir, ckpt, data, dist_info, device, stop, allow_change)
+                res, stopped = run_one(cfg, row, run_dir, ckpt, data, dist_info, device, stop)
                 if stopped:
                     args = [a for a in sys.argv[1:] if a != "--resume"]
                     log.warning("%s received: stopped row '%s' at a checkpoint in %s; continue with the same command "
