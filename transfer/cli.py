@@ -13,6 +13,8 @@ import sys
 # task -> (module with get_args_parser() and main(args), one-line help)
 TASKS = {
     "cls": ("transfer.classification", "fine-tune on VOC classification (Zhang et al. Table 2, classification)"),
+    "det": ("transfer.detection", "fine-tune a Fast R-CNN detector on VOC (Zhang et al. Table 2, detection)"),
+    "det-eval": ("transfer.det_eval", "score VOC devkit detection results files (py-faster-rcnn voc_eval; COCO AP)"),
 }
 
 

@@ -381,20 +381,29 @@ def precision_recall(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     return tp / np.maximum(tp + fp, 1), tp / npos
 
 
+def ap_from_pr(prec: np.ndarray, rec: np.ndarray, kind: str = "voc07_11pt") -> float:
+    """AP of a precision/recall curve (one point per ranked item): ``voc07_11pt`` or ``area`` (module docstring).
+    Shared by image-level AP (:func:`voc07_11pt_ap`, :func:`area_ap`) and detection AP (``transfer.det_eval``)."""
+    prec, rec = np.asarray(prec, np.float64), np.asarray(rec, np.float64)
+    if kind == "voc07_11pt":
+        return float(np.mean([prec[rec >= t].max() if (rec >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]))
+    if kind == "area":
+        mrec = np.concatenate(([0.0], rec, [1.0]))
+        mpre = np.concatenate(([0.0], prec, [0.0]))
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        i = np.flatnonzero(mrec[1:] != mrec[:-1])
+        return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+    raise UserError(f"ap must be voc07_11pt or area, got '{kind}'")
+
+
 def voc07_11pt_ap(scores, labels) -> float:
     """VOC2007 11-point interpolated AP (labels: 1 positive, -1 negative, 0 ignored)."""
-    prec, rec = precision_recall(scores, labels)
-    return float(np.mean([prec[rec >= t].max() if (rec >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]))
+    return ap_from_pr(*precision_recall(scores, labels), "voc07_11pt")
 
 
 def area_ap(scores, labels) -> float:
     """VOC2010+ AP: area under the precision/recall curve with monotonically decreasing precision."""
-    prec, rec = precision_recall(scores, labels)
-    mrec = np.concatenate(([0.0], rec, [1.0]))
-    mpre = np.concatenate(([0.0], prec, [0.0]))
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    i = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+    return ap_from_pr(*precision_recall(scores, labels), "area")
 
 
 def sklearn_ap(scores, labels) -> float:
