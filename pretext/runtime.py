@@ -10,12 +10,17 @@ import argparse
 import dataclasses
 import datetime
 import difflib
+import errno
 import json
 import logging
+import math
 import os
 import random
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import types
 import typing
@@ -117,6 +122,56 @@ def _has_defaults(cls) -> bool:
                for f in dataclasses.fields(cls))
 
 
+def param(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, ge: float | None = None,
+          gt: float | None = None, le: float | None = None, lt: float | None = None,
+          choices: Iterable[Any] | None = None) -> Any:
+    """A config field with declared limits, checked by :func:`build_config` before anything runs::
+
+        size: int = param(176, ge=32, le=4096)
+        amp: str = param("auto", choices=("auto", "bf16", "fp16", "none"))
+
+    Bounds apply to numbers and to every element of a list/tuple of numbers; a bounded float must be finite.
+    ``choices`` lists the allowed values (of the value, or of each element of a list)."""
+    check = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if choices is not None:
+        check["choices"] = tuple(choices)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"check": check})
+
+
+def _check_value(key: str, value: Any, check: dict) -> None:
+    if value is None or not check:
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_value(key, v, check)
+        return
+    choices = check.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"config key '{key}': must be one of {', '.join(map(str, choices))}; got {value!r}")
+    bounds = {k: check[k] for k in ("ge", "gt", "le", "lt") if k in check}
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{key}': must be a finite number, got {value!r}")
+    ops = {"ge": (lambda a, b: a >= b, ">="), "gt": (lambda a, b: a > b, ">"),
+           "le": (lambda a, b: a <= b, "<="), "lt": (lambda a, b: a < b, "<")}
+    for name, bound in bounds.items():
+        ok, sym = ops[name]
+        if not ok(value, bound):
+            raise UserError(f"config key '{key}': must be {sym} {bound}, got {value!r}")
+
+
+def validate_config(cfg) -> Any:
+    """Check every field's declared limits (:func:`param`), then the config's own ``validate()`` (combinations of
+    keys), if it has one. Raises :class:`UserError` naming the key; returns ``cfg``."""
+    for f in dataclasses.fields(cfg):
+        _check_value(f.name, getattr(cfg, f.name), f.metadata.get("check", {}))
+    extra = getattr(cfg, "validate", None)
+    if callable(extra):
+        extra()
+    return cfg
+
+
 def _unknown_key(key: str, cls) -> UserError:
     names = list(_fields(cls))
     close = difflib.get_close_matches(key, names, n=1)
@@ -125,14 +180,15 @@ def _unknown_key(key: str, cls) -> UserError:
 
 
 def build_config(cls, values: dict[str, Any]):
-    """Build the dataclass ``cls`` from a flat dict, type-checking every value."""
+    """Build the dataclass ``cls`` from a flat dict, type-checking every value and checking its limits
+    (:func:`validate_config`)."""
     fields = _fields(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             raise _unknown_key(key, cls)
         kwargs[key] = _convert(value, fields[key], key)
-    return cls(**kwargs)
+    return validate_config(cls(**kwargs))
 
 
 def load_config(cls, path: str | os.PathLike | None = None, overrides: Iterable[str] = ()):
@@ -339,6 +395,176 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
     return obj
 
 
+# --------------------------------------------------------------------------------------------- run folders
+class RunLock:
+    """An exclusive lock on a run folder, so that two runs never write one ``out_dir`` at once.
+
+    ``fcntl.flock`` on ``run_dir/.lock``: the kernel releases it when the holder exits or dies, so a lock left by a
+    killed process is never stale. The file records the holder (pid, host, start time, command) for the error the
+    second run gets. Take it in the main process only (rank 0 under DDP)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        _make_run_dir(self.run_dir)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise UserError(f"{self.run_dir} is in use by another run ({self._holder()}); wait for it to finish "
+                            "or choose another out_dir") from None
+        holder = dict(pid=os.getpid(), host=socket.gethostname(),
+                      started=datetime.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def _holder(self) -> str:
+        try:
+            h = json.loads(self.path.read_text())
+            return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` with one-line errors for the usual mistakes (a file in the way, no permission)."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"out_dir {run_dir}: {parent} is a file, not a folder")
+        if parent.exists():
+            break
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"out_dir {run_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir {run_dir}: not writable")
+
+
+def remove_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes that a killed process left (``.<name>.<random>.tmp``) in
+    ``run_dir`` and its direct subfolders. Call it while holding the run's :class:`RunLock` (no live writer)."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob(".*.tmp"), *run_dir.glob("*/.*.tmp")]
+    for f in found:
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+    if found:
+        log.info("removed %d temporary file(s) of interrupted writes in %s", len(found), run_dir)
+    return found
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+class GracefulStop:
+    """Turn SIGTERM (SLURM, Kubernetes), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal=USR1@90`` warning) into a
+    request to stop: the trainer finishes its step, all ranks agree, a checkpoint is written, and the process exits
+    with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1), as schedulers expect. A second
+    Ctrl-C stops at once. Use as a context manager around the training loop (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not logging: a signal handler may run while the logging lock is held
+        os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+                    "(Ctrl-C again to stop at once)\n".encode())
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum if self.signum is not None else 0
+
+
+def ignore_stop_signals(_worker_id: int | None = None) -> None:
+    """``worker_init_fn`` for DataLoader workers: a terminal's Ctrl-C and a scheduler's SIGTERM reach the whole
+    process group; the workers ignore them and are shut down by the main process after its checkpoint."""
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _normalise(v: Any) -> Any:
+    return [_normalise(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Keys whose value differs between two config dicts (lists and tuples compare equal)."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if _normalise(old.get(k)) != _normalise(new.get(k))}
+
+
+def check_resume_config(old: dict, new: dict, guarded: Iterable[str], allow: bool, run_dir: str | os.PathLike,
+                        step: int) -> dict[str, tuple[Any, Any]]:
+    """On resume, compare the checkpoint's config with the new one. Changes to ``guarded`` keys (data, model,
+    target, batch, schedule: what makes it another experiment) are refused unless ``allow``; every change that
+    goes ahead is appended to ``run_dir/config_history.jsonl`` with the step, so ``config.yaml`` never silently
+    rewrites the record of the steps before."""
+    changes = config_changes(old, new)
+    guarded_changes = [k for k in changes if k in set(guarded)]
+    if guarded_changes and not allow:
+        what = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in guarded_changes)
+        raise UserError(f"resuming with a changed config ({what}); pass --allow-config-change to continue anyway "
+                        "(recorded in config_history.jsonl)")
+    if changes:
+        JsonlLogger(Path(run_dir) / "config_history.jsonl").log(
+            step=step, changes={k: {"old": _normalise(a), "new": _normalise(b)} for k, (a, b) in changes.items()})
+        log.warning("resumed with config changes at step %d: %s", step, ", ".join(changes))
+    return changes
+
+
 # --------------------------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -407,13 +633,36 @@ def _json_default(o: Any) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL log. A torn last line (a process killed mid-write) is dropped with a warning; a broken
+    line elsewhere is an error naming the file and line."""
     out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i:]):
+                raise UserError(f"{path}: line {i} is not valid JSON") from None
+            log.warning("%s: dropped a torn last line (a write was interrupted)", path)
     return out
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int, key: str = "step") -> int:
+    """On resume: keep only the records up to the checkpoint's step (and those without ``key``), so that the
+    steps the resumed run redoes are not logged twice; a torn last line goes too. Returns the number dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    recs = read_jsonl(path)
+    keep = [r for r in recs if not isinstance(r.get(key), (int, float)) or r[key] <= max_step]
+    dropped = len(recs) - len(keep)
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in keep)
+    if dropped or text != path.read_text():
+        atomic_write_text(path, text)
+    return dropped
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -430,19 +679,31 @@ def run_entry(main, parser: argparse.ArgumentParser, argv: list[str] | None = No
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, read-only folder, ...: one line naming the file (CROSSCHANNEL_DEBUG=1: traceback)
+        if os.environ.get("CROSSCHANNEL_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{parser.prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 
 def add_resume_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The trainers' ``--resume [CHECKPOINT]`` (see :func:`resolve_resume`)."""
+    """The trainers' ``--resume [CHECKPOINT]``, ``--force`` and ``--allow-config-change`` (see
+    :func:`resolve_resume` and :func:`check_resume_config`)."""
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from out_dir/checkpoint.pth (or the given checkpoint)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume CHECKPOINT: replace out_dir's own checkpoint of another run")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="on resume, accept changes to data, model, target, batch or schedule (recorded)")
     return parser
 
 
-def resolve_resume(resume: str | None, latest: str | os.PathLike) -> str | None:
+def resolve_resume(resume: str | None, latest: str | os.PathLike, force: bool = False) -> str | None:
     """``--resume`` semantics shared by the trainers: 'auto' means ``latest`` if it exists (else start fresh);
-    no ``--resume`` while ``latest`` exists is an error, so that a finished or crashed run is never overwritten."""
+    no ``--resume`` while ``latest`` exists is an error, so that a finished or crashed run is never overwritten;
+    ``--resume OTHER.pth`` into a folder that holds its own checkpoint is refused unless ``force``."""
     latest = Path(latest)
     if resume == "auto":
         if latest.is_file():
@@ -451,6 +712,9 @@ def resolve_resume(resume: str | None, latest: str | os.PathLike) -> str | None:
         return None
     if resume is None and latest.is_file():
         raise UserError(f"{latest} exists: pass --resume to continue that run, or choose another out_dir")
+    if resume is not None and latest.is_file() and not force and Path(resume).resolve() != latest.resolve():
+        raise UserError(f"{latest} holds another run's checkpoint; resuming from {resume} would overwrite it "
+                        "(pass --force to replace it, or choose another out_dir)")
     return resume
 
 

@@ -138,3 +138,162 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "ck.pth").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------------------------- limits, run folders
+import json  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+from pretext.runtime import (  # noqa: E402
+    GracefulStop,
+    RunLock,
+    build_config,
+    check_resume_config,
+    param,
+    remove_stale_tmp,
+    resolve_resume,
+    run_entry,
+    truncate_jsonl,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limited:
+    size: int = param(176, ge=32, le=4096)
+    lr: float = param(0.1, gt=0)
+    lam: float = param(0.5, ge=0, le=1)
+    betas: tuple[float, float] = param((0.9, 0.99), ge=0, lt=1)
+    amp: str = param("auto", choices=("auto", "none"))
+    taps: list[str] = param(default_factory=lambda: ["conv1"], choices=("conv1", "conv5"))
+
+    def validate(self):
+        if self.size % 2:
+            raise UserError("config key 'size': must be even")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"size": 7}, "config key 'size': must be >= 32, got 7"),
+    ({"size": 100000}, "config key 'size': must be <= 4096, got 100000"),
+    ({"lr": -1}, "config key 'lr': must be > 0, got -1.0"),
+    ({"lr": "nan"}, "config key 'lr': must be a finite number, got nan"),
+    ({"lam": 2}, "config key 'lam': must be <= 1, got 2.0"),
+    ({"betas": [0.9, 1.0]}, "config key 'betas': must be < 1, got 1.0"),
+    ({"amp": "fp8"}, "config key 'amp': must be one of auto, none; got 'fp8'"),
+    ({"taps": ["conv1", "fc9"]}, "config key 'taps': must be one of conv1, conv5; got 'fc9'"),
+    ({"size": 33}, "config key 'size': must be even"),
+])
+def test_declared_limits_refuse_bad_values(values, message):
+    with pytest.raises(UserError) as e:
+        build_config(Limited, values)
+    assert str(e.value) == message
+    assert build_config(Limited, {"size": 64, "lr": 1e-3}).size == 64  # in range: accepted
+
+
+def test_graceful_stop_turns_signals_into_a_request():
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested and stop.name == "SIGTERM" and stop.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+
+
+_HOLDER = """
+import sys, time
+from pretext.runtime import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_run_lock_excludes_a_second_process_and_frees_on_death(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as e:
+            RunLock(run).acquire()
+        assert f"is in use by another run (pid {p.pid} on " in str(e.value) and "\n" not in str(e.value)
+    finally:
+        p.kill()
+        p.wait()
+    with RunLock(run):  # the dead holder's lock is not stale: the kernel released it
+        pass
+
+
+def test_run_dir_errors_are_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        RunLock(tmp_path / "afile").acquire()
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        RunLock(tmp_path / "afile" / "run").acquire()
+
+
+def test_stale_tmp_files_are_removed(tmp_path):
+    (tmp_path / ".checkpoint.pth.abc123.tmp").write_bytes(b"half")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / ".step_1.png.x.tmp").write_bytes(b"half")
+    (tmp_path / "checkpoint.pth").write_bytes(b"keep")
+    assert len(remove_stale_tmp(tmp_path)) == 2
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["checkpoint.pth"]
+
+
+def test_jsonl_resume_drops_redone_steps_and_torn_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) for s in (10, 20, 30)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st')  # killed mid-write
+    assert [r["step"] for r in read_jsonl(path)] == [10, 20, 30]
+    assert truncate_jsonl(path, max_step=20) == 1
+    assert [r["step"] for r in read_jsonl(path)] == [10, 20] and path.read_text().endswith("}\n")
+    path.write_text('{"step": 1}\n{broken\n{"step": 2}\n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        read_jsonl(path)
+
+
+def test_resume_into_another_runs_folder_is_refused(tmp_path):
+    own = tmp_path / "run" / "checkpoint.pth"
+    own.parent.mkdir()
+    own.write_bytes(b"x")
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"y")
+    with pytest.raises(UserError, match="holds another run's checkpoint"):
+        resolve_resume(str(other), own)
+    assert resolve_resume(str(other), own, force=True) == str(other)
+    assert resolve_resume(str(own), own) == str(own)
+    assert resolve_resume(str(other), tmp_path / "fresh" / "checkpoint.pth") == str(other)
+
+
+def test_config_change_on_resume_refused_or_recorded(tmp_path):
+    old = {"data": ["a"], "lr": 0.1, "workers": 4, "betas": (0.9, 0.99)}
+    new = {"data": ["b"], "lr": 0.1, "workers": 8, "betas": [0.9, 0.99]}
+    with pytest.raises(UserError, match=r"data: \['a'\] -> \['b'\].*--allow-config-change"):
+        check_resume_config(old, new, guarded=("data", "lr"), allow=False, run_dir=tmp_path, step=5)
+    assert not (tmp_path / "config_history.jsonl").exists()
+    changes = check_resume_config(old, new, guarded=("data", "lr"), allow=True, run_dir=tmp_path, step=5)
+    assert set(changes) == {"data", "workers"}  # tuple vs list is no change
+    (rec,) = read_jsonl(tmp_path / "config_history.jsonl")
+    assert rec["step"] == 5 and rec["changes"]["data"] == {"old": ["a"], "new": ["b"]}
+    # unguarded changes go through without the flag, and are recorded too
+    check_resume_config(old, {**old, "workers": 2}, guarded=("data",), allow=False, run_dir=tmp_path, step=9)
+    assert read_jsonl(tmp_path / "config_history.jsonl")[-1]["step"] == 9
+
+
+def test_os_errors_become_one_line(capsys):
+    import argparse
+
+    def main(_args):
+        raise OSError(28, "No space left on device", "/data/run/checkpoint.pth")
+
+    assert run_entry(main, argparse.ArgumentParser("prog"), []) == 1
+    err = capsys.readouterr().err
+    assert err == "prog: error: /data/run/checkpoint.pth: No space left on device\n"
