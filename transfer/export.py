@@ -43,13 +43,14 @@ def _first_conv(net: TransferNet) -> nn.Conv2d | None:
 
 
 def backbone_spec(net: TransferNet) -> dict:
-    """What :func:`skeleton` needs to rebuild ``net``'s structure: architecture, input kind, fc width, conv1 padding
-    and, for pretext models other than the AlexNet, the pretext model's name and arguments."""
+    """What :func:`skeleton` needs to rebuild ``net``'s structure: architecture, input kind, fc width, conv1 padding,
+    pooling rounding and, for pretext models other than the AlexNet, the pretext model's name and arguments."""
     conv = _first_conv(net)
     return {"arch": net.arch, "input_kind": net.input_kind, "fc_dim": net.channels("fc7") if net.has_fc else 0,
             "conv1_padding": int(conv.padding[0]) if conv is not None else None,
             "model_name": net.info.get("model_name") if net.info.get("source") == "checkpoint" else None,
             "model_kwargs": dict(net.info.get("model_kwargs") or {}),
+            "pool_ceil_mode": next((m.ceil_mode for m in net.modules() if isinstance(m, nn.MaxPool2d)), None),
             "reduction": net.reduction(net.stage_names[-1]), "num_features": net.num_features}
 
 
@@ -71,6 +72,10 @@ def skeleton(spec: dict) -> TransferNet:
         raise UserError(f"cannot rebuild a '{arch}' network from its spec {spec}")
     if net.input_kind != kind:
         raise UserError(f"rebuilt {arch} takes {net.input_kind} input, the spec says {kind}")
+    if spec.get("pool_ceil_mode") is not None:  # FCN rounds pooled sizes up (transfer.segmentation.fcn_backbone)
+        for m in net.modules():
+            if isinstance(m, nn.MaxPool2d):
+                m.ceil_mode = bool(spec["pool_ceil_mode"])
     return net
 
 
@@ -122,6 +127,7 @@ def _from_seg_checkpoint(ckpt: dict, path: str) -> tuple[TransferNet, dict]:
     if not spec:
         raise UserError(f"{path}: this segmentation checkpoint has no network spec (written by an older version)")
     net = skeleton(spec)
+    net.info.update(ckpt.get("backbone_info") or {})
     model = ckpt["model"]
     load_backbone_weights(net, {"state_dict": model}, path)
     head = {"conv_seg.weight": model["score.weight"], "conv_seg.bias": model["score.bias"],

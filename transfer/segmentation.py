@@ -819,7 +819,8 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
         for row in cfg.rows:
             run_dir = out_dir / row
             done = (run_dir / "results.json").is_file() and resume is not None
-            plan.append((row, run_dir, None if done else resolve_resume(resume, run_dir / "checkpoint.pth", force), done))
+            latest = run_dir / ("mmseg/last_checkpoint" if cfg.engine == "mmseg" else "checkpoint.pth")
+            plan.append((row, run_dir, None if done else resolve_resume(resume, latest, force), done))
         if dist_info.is_main:
             save_config(cfg, out_dir)
         results = {}
@@ -838,8 +839,9 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
                 else:
                     r = run_one(cfg, row, run_dir, ckpt, data, dist_info, device, stop, allow_change)
                 if isinstance(r, int):
-                    log.warning("%s received: checkpoint written at %s; continue with: %s --resume", stop.name,
-                                run_dir / "checkpoint.pth", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+                    where = run_dir / ("mmseg" if cfg.engine == "mmseg" else "checkpoint.pth")
+                    log.warning("%s received: checkpoint written in %s; continue with: %s", stop.name, where,
+                                resume_command())
                     return r
                 results[row] = r
                 log.info("%s: mean IoU %.2f, pixel accuracy %.2f over %d images", row, 100 * r["mIoU"],
@@ -852,6 +854,13 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
         if lock is not None:
             lock.release()
         cleanup_distributed()
+
+
+def resume_command() -> str:
+    """The command line of this run with ``--resume`` (for the line printed after a stop signal)."""
+    prog = "python -m transfer.segmentation" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join([prog, *args, "--resume"])
 
 
 def _read_json(path: Path) -> dict:
