@@ -15,6 +15,7 @@ COMMANDS = {
     "probe": ("linear_probe.train", "per-layer linear probes on a frozen encoder"),
     "probe-compare": ("linear_probe.compare", "overlay per-layer accuracy of several probe runs"),
     "svm": ("linear_probe.svm", "VOC07 linear SVM benchmark"),
+    "transfer": ("transfer.cli", "fine-tune on PASCAL VOC: transfer cls (classification)"),
 }
 
 

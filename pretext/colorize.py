@@ -8,7 +8,11 @@ written to an exact file name; the output format follows the output name; an inp
 unreadable file gets one line on stderr and a non-zero exit code, the others are still done.
 
 ``--checkpoint`` takes a crosschannel checkpoint or the official released ECCV16 weights (a plain state dict with
-keys ``model1.0.weight`` ... ``model8.6.weight``, ``model_out.weight``). From Python::
+keys ``model1.0.weight`` ... ``model8.6.weight``, ``model_out.weight``). ``--temperature`` is the annealed-mean
+temperature relative to the logits the cross-entropy trained, for both: imported ECCV16 weights are converted to
+those logits (``pretext.models.zhang_vgg.convert_eccv16_state_dict``) and decode by default at 1 / 2.606 = 0.3837,
+which reproduces the official forward; crosschannel checkpoints at their training config's temperature (0.38).
+From Python::
 
     from pretext.colorize import colorize
     out = colorize(Image.open("old.jpg"), checkpoint="colorization_release_v2-9b330a0b.pth")
@@ -60,6 +64,7 @@ class Colorizer:
     name: str
     prior: torch.Tensor | None = None
     channels_last: bool = True
+    temperature: float = 0.38  #: default annealed-mean temperature (--temperature overrides it)
 
 
 def is_eccv16_state_dict(obj) -> bool:
@@ -86,21 +91,24 @@ def colorizer_from_object(obj: dict, device: torch.device | str = "cpu", source:
         prior = torch.as_tensor(prior, dtype=torch.float64) if prior is not None else None
         size = int(obj.get("input_size") or 256)
         kind, name = "crosschannel", obj["model_name"]
+        temperature = float((obj.get("config") or {}).get("temperature", 0.38))
     elif is_eccv16_state_dict(obj):
-        from .models.zhang_vgg import load_eccv16_state_dict
+        from .models.zhang_vgg import ECCV16_TEMPERATURE, eccv16_bins, load_eccv16_state_dict
 
-        model = create_model("zhang_vgg")
+        model = create_model("zhang_vgg", bn_affine=True)  # the port's BatchNorm layers are affine
         try:
             load_eccv16_state_dict(model, obj)
+            bins = eccv16_bins(obj)
         except (KeyError, RuntimeError) as e:
             raise UserError(f"{source}: not the ECCV16 colorization weights ({str(e).splitlines()[0][:200]})") from None
-        target, bins, prior, size, kind, name = "ab313", load_bins(), None, 256, "eccv16", "zhang_vgg (ECCV16 release)"
+        target, prior, size, kind, name = "ab313", None, 256, "eccv16", "zhang_vgg (ECCV16 release)"
+        temperature = ECCV16_TEMPERATURE
     else:
         raise UserError(f"{source}: neither a crosschannel checkpoint (no 'model_name'/'model') "
                         f"nor the official ECCV16 weights (no 'model1.*' keys)")
     model = prepare_model(model, device, channels_last)
     bins = bins.to(device) if bins is not None else None
-    return Colorizer(model, target, bins, size, device, kind, name, prior, channels_last)
+    return Colorizer(model, target, bins, size, device, kind, name, prior, channels_last, temperature)
 
 
 @functools.lru_cache(maxsize=4)
@@ -136,13 +144,14 @@ def _prepare(rgb: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def colorize(image: Image.Image | str | os.PathLike, checkpoint: str | os.PathLike | Colorizer, *,
-             size: int | None = None, temperature: float = 0.38, device: str = "cpu", amp: str = "none",
+             size: int | None = None, temperature: float | None = None, device: str = "cpu", amp: str = "none",
              gamut: str = "chroma") -> Image.Image:
     """Colorize one image (PIL image of any mode, or a path) -> PIL image of the same size (RGBA if it had alpha).
 
     Args:
         checkpoint: path to a crosschannel checkpoint / ECCV16 weights, or a :class:`Colorizer`.
-        size: network input size (default: the model's). temperature: annealed-mean T (0.38 as in the paper).
+        size: network input size (default: the model's). temperature: annealed-mean T (default: the colorizer's,
+            0.38 as in the paper, 1 / 2.606 for the ECCV16 release weights; see the module docstring).
         amp: 'none' | 'bf16' | 'fp16' autocast of the network. gamut: 'chroma' keeps L exactly, 'clip' as the demo.
     """
     col = checkpoint if isinstance(checkpoint, Colorizer) else load_colorizer(checkpoint, device)
@@ -152,8 +161,8 @@ def colorize(image: Image.Image | str | os.PathLike, checkpoint: str | os.PathLi
         img = ImageOps.exif_transpose(image) or image
         rgb, alpha, _ = to_rgb(img)
     L, x = _prepare(rgb, size or col.input_size)
-    ab_low = predict_ab_lowres(col.model, x[None].to(col.device), col.target, col.bins, temperature, AMP[amp],
-                               col.channels_last)
+    T = col.temperature if temperature is None else temperature
+    ab_low = predict_ab_lowres(col.model, x[None].to(col.device), col.target, col.bins, T, AMP[amp], col.channels_last)
     return _finish(L, ab_low[0], alpha, gamut)
 
 
@@ -210,7 +219,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive), globs or list files")
     p.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
     p.add_argument("--checkpoint", required=True, help="crosschannel checkpoint or official ECCV16 weights (.pth)")
-    p.add_argument("--temperature", type=float, default=0.38, help="annealed-mean temperature (0: mode, 1: mean)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="annealed-mean temperature (0: mode, 1: mean; default: the checkpoint's, 0.38 for crosschannel "
+                        "runs, 1/2.606 for the ECCV16 release weights)")
     p.add_argument("--size", type=int, default=None, help="network input size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -269,7 +280,8 @@ def main(args) -> int:
         if not ok:
             continue
         x = torch.stack([it[1] for _, it in ok]).to(device)
-        ab_low = predict_ab_lowres(col.model, x, col.target, col.bins, args.temperature, AMP[args.amp], col.channels_last)
+        T = col.temperature if args.temperature is None else args.temperature
+        ab_low = predict_ab_lowres(col.model, x, col.target, col.bins, T, AMP[args.amp], col.channels_last)
         for j, (i, (L, _, alpha)) in enumerate(ok):
             src, dst = todo[i]
             try:

@@ -502,10 +502,35 @@ def annealed_mean(scores: torch.Tensor, bins: torch.Tensor, T: float = 0.38, fro
 
 
 def resize_ab(ab: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize an ab map to the network's output size (area average when shrinking)."""
+    """Resize an ab map to ``size`` (area average when shrinking, bilinear when growing)."""
     if tuple(ab.shape[-2:]) == tuple(size):
         return ab
     if ab.shape[-2] >= size[0] and ab.shape[-1] >= size[1]:
         return F.adaptive_avg_pool2d(ab, size)
     return F.interpolate(ab, size=size, mode="bilinear", align_corners=False)
 
+
+def subsample_ab(ab: torch.Tensor, stride: int, mode: str = "point") -> torch.Tensor:
+    """ab targets on a grid of ``stride`` pixels: (B, 2, H, W) -> (B, 2, ceil(H / stride), ceil(W / stride)).
+
+    ``mode="point"`` takes the pixels (stride * i, stride * j), as the release does (a 1x1 convolution with weight 1
+    and stride 4 for the VGG net or 8 for the AlexNet, ``data_ab_ss`` in ``colorization_train_val_v2.prototxt`` and
+    ``train_alexnet/train_val.prototxt``). ``mode="area"`` averages ab over the stride x stride cell whose corner is
+    that pixel instead (clipped at the image border; an option: it pulls colours at edges towards grey).
+    """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if mode == "point":
+        return ab[..., ::stride, ::stride]
+    if mode == "area":
+        return ab if stride == 1 else F.avg_pool2d(ab, stride, stride, ceil_mode=True)
+    raise ValueError(f"target sampling must be 'point' or 'area', got {mode!r}")
+
+
+def nongray_mask(ab: torch.Tensor, thresh: float = 5.0) -> torch.Tensor:
+    """Which images carry colour: (B, 2, ...) -> (B,) bool, True where some |a| or |b| exceeds ``thresh``.
+
+    The release's ``NonGrayMaskLayer`` (``resources/caffe_traininglayers.py``, threshold 5), applied to the
+    subsampled ab target: an image counts only if one of its target cells is coloured.
+    """
+    return (ab.abs() > thresh).flatten(1).any(dim=1)

@@ -2,7 +2,7 @@
 
 A trained colorizer is described by its checkpoint (see ``pretext.train``): ``model_name`` / ``model_kwargs`` /
 ``model`` (weights), ``target`` (what the head predicts: ``ab313`` distributions over ``bins``, ``l2`` ab
-regression in units of 1/AB_SCALE, or ``hue_chroma`` histograms) and ``bins``.
+regression in units of 1/AB_SCALE, or ``hue_chroma`` histograms; decoded by ``pretext.targets``) and ``bins``.
 
 Full-resolution colorization follows the reference demo: the network sees L resized to ``size`` x ``size``, its
 ab prediction is resized back bilinearly and combined with the *original* L. Unlike the demo, out-of-gamut
@@ -16,21 +16,12 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .color import AB_SCALE, l_ab_to_rgb, lab_to_rgb, rgb_to_l
-from .encoding import annealed_mean
+from .color import l_ab_to_rgb, lab_to_rgb, rgb_to_l
+from .targets import Target, get_target
 
 
-def decode_ab(output: torch.Tensor, target: str, bins: torch.Tensor | None, T: float = 0.38) -> torch.Tensor:
-    """Network output (B, C, h, w) -> ab point estimate (B, 2, h, w) in Lab units."""
-    if target == "ab313":
-        return annealed_mean(output, bins, T)
-    if target == "l2":
-        return output.float() * AB_SCALE
-    if target == "hue_chroma":
-        from .hue_chroma import decode_ab as hc_decode
-
-        return hc_decode(output.float())
-    raise ValueError(f"unknown target '{target}' (expected ab313, l2 or hue_chroma)")
+def _target(target: str | Target, bins: torch.Tensor | None) -> Target:
+    return target if isinstance(target, Target) else get_target(target, bins)
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None):
@@ -47,7 +38,7 @@ def resize_l(L: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_ab(model: torch.nn.Module, L: torch.Tensor, target: str, bins: torch.Tensor | None,
+def predict_ab(model: torch.nn.Module, L: torch.Tensor, target: str | Target, bins: torch.Tensor | None,
                size: int | None = 256, T: float = 0.38, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Predict ab for lightness ``L`` (B, 1, H, W) and return it at (H, W).
 
@@ -59,20 +50,20 @@ def predict_ab(model: torch.nn.Module, L: torch.Tensor, target: str, bins: torch
 
 
 @torch.inference_mode()
-def predict_ab_lowres(model: torch.nn.Module, x: torch.Tensor, target: str, bins: torch.Tensor | None,
+def predict_ab_lowres(model: torch.nn.Module, x: torch.Tensor, target: str | Target, bins: torch.Tensor | None,
                       T: float = 0.38, autocast_dtype: torch.dtype | None = None,
                       channels_last: bool = False) -> torch.Tensor:
     """The fast path: L already at the network's size (B, 1, s, s) -> ab at the network's output size (fp32).
 
     ``channels_last`` feeds the batch in NHWC (the model should have been converted with
     :func:`prepare_model`); ``autocast_dtype`` (bf16/fp16) runs the network in reduced precision, the decoding
-    (softmax over bins, annealed mean) always in fp32.
+    (softmax over bins, annealed mean) always in fp32. ``target``: a name (``pretext.targets.TARGETS``) or a target.
     """
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with _autocast(x.device.type, autocast_dtype):
         out = model(x)
-    return decode_ab(out.float(), target, bins, T)
+    return _target(target, bins).decode(out.float(), T)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device | str = "cpu", channels_last: bool = True) -> torch.nn.Module:
@@ -151,7 +142,7 @@ def to_uint8(rgb: torch.Tensor) -> torch.Tensor:
     return rgb.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def colorize_rgb(model: torch.nn.Module, rgb: torch.Tensor, target: str, bins: torch.Tensor | None,
+def colorize_rgb(model: torch.nn.Module, rgb: torch.Tensor, target: str | Target, bins: torch.Tensor | None,
                  size: int | None = 256, T: float = 0.38) -> torch.Tensor:
     """Colorize (B, 3, H, W) sRGB images in [0, 1] (only their lightness is used) -> (B, 3, H, W) sRGB."""
     L = rgb_to_l(rgb)

@@ -3,9 +3,12 @@
     python -m pretext.train --config configs/pretext/zhang_vgg_rebal_in1k_176px.yaml [--set key=value ...]
     torchrun --nproc_per_node=8 -m pretext.train --config ... [--resume]
 
-The network sees L only; Lab conversion and soft-encoding run on the training device, batched. Checkpoints are
-written atomically every ``checkpoint_every`` steps and ``--resume`` continues exactly (same weights as an
-uninterrupted run): data order and augmentation are functions of (seed, epoch, position), and every RNG is saved.
+The network sees L only; Lab conversion and soft-encoding run on the training device, batched. What the network
+predicts and how it is scored is its target (``pretext.targets``); ``train_one_epoch`` calls ``train_step`` (forward
+and backward of one batch) and steps the optimiser. The defaults are Zhang et al.'s released VGG recipe; every value
+and its source is listed in PROVENANCE.md. Checkpoints are written atomically every ``checkpoint_every`` steps and
+``--resume`` continues exactly (same weights as an uninterrupted run): data order and augmentation are functions of
+(seed, epoch, position), and every RNG is saved.
 """
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,9 +27,9 @@ from tqdm import tqdm
 from . import models
 from .color import gray_rgb, rgb_to_lab
 from .data import ImageDataset, eval_transform, list_images, train_transform
-from .encoding import SoftEncoder, load_bins, rebalance_weights, resize_ab
-from .losses import l2_ab_loss, multinomial_cross_entropy
-from .predict import colorize_rgb, decode_ab
+from .encoding import subsample_ab
+from .predict import colorize_rgb
+from .targets import TARGETS, Target
 from .runtime import (
     DistInfo,
     JsonlLogger,
@@ -59,37 +60,47 @@ FORMAT = "crosschannel/pretext-v1"
 
 @dataclasses.dataclass(frozen=True)
 class PretextConfig:
+    """Defaults: Zhang et al.'s VGG net as released (richzhang/colorization: models/colorization_train_val_v2.prototxt,
+    train/solver.prototxt, resources/caffe_traininglayers.py); PROVENANCE.md names the source of each."""
     # data
     data: list[str] = dataclasses.field(default_factory=list)  #: folders / list files / globs of training images
     val_data: list[str] = dataclasses.field(default_factory=list)  #: held-out images for the sample grids
-    size: int = 176  #: training crop (paper: 176 for VGG, 180 for AlexNet)
-    crop: str = "rrc"  #: rrc (RandomResizedCrop) | resize_crop (resize then random crop, as the paper)
-    crop_scale_min: float = 0.25
+    size: int = 176  #: training crop (released: 176 for the VGG net, 180 for the AlexNet)
+    crop: str = "resize_crop"  #: resize_crop (resize then random crop, as released) | rrc (RandomResizedCrop)
+    crop_scale_min: float = 0.25  #: rrc only
     workers: int = 4
     max_images: int = 0  #: use at most this many training images (0: all)
     # model and target
     model: str = "zhang_vgg"  #: zhang_vgg | alexnet_cc | vgg16_hypercolumn | timm:<name>
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     loss: str = "rebal"  #: rebal (classification, class-rebalanced) | ce (no rebalancing) | l2 (regression) | hue_chroma
+    loss_norm: str = "batch"  #: batch (sum over pixels / images, as released) | pixel (mean over counted pixels)
     prior: str = ""  #: prior.npz from `crosschannel prior` (needed for rebal)
     lam: float = 0.5  #: rebalancing: weight of the uniform distribution
-    rebalance_mode: str = "paper"  #: paper | reference
-    k: int = 5  #: soft-encoding neighbours (paper 5, reference code 10)
+    rebalance_mode: str = "reference"  #: reference (the released PriorFactor) | paper (uniform over all Q bins)
+    k: int = 10  #: soft-encoding neighbours (released NNEncLayer: 10; the paper's text: 5)
     sigma: float = 5.0
+    target_sampling: str = "point"  #: point (every target_stride-th pixel, as released) | area (cell averages)
+    grey_thresh: float = 5.0  #: an image counts if some target |a| or |b| exceeds this (NonGrayMaskLayer)
     points_per_image: int = 0  #: >0: train on P random pixels per image (Larsson's sparse hypercolumns)
     temperature: float = 0.38  #: annealed mean for logged predictions
-    # optimisation (paper: Adam 0.9/0.99, wd 1e-3, lr 3e-5 -> 1e-5 at 200k -> 3e-6 at 375k, 450k steps, batch 40)
+    init: str = "kmeans"  #: kmeans | pca | gaussian | default (data-dependent init at step 0; default: PyTorch's)
+    init_images: int = 0  #: images in the initialisation batch (0: batch_size)
+    # optimisation (train/solver.prototxt: Adam 0.9/0.99, wd 1e-3, lr 3.16e-5 x0.316 every 215k, 500k iterations)
     optimizer: str = "adam"  #: adam | adamw | sgd
-    lr: float = 3e-5
+    lr: float = 3.16e-5
     betas: tuple[float, float] = (0.9, 0.99)
     momentum: float = 0.9
     weight_decay: float = 1e-3
-    lr_steps: list[int] = dataclasses.field(default_factory=lambda: [200_000, 375_000])
-    lr_gamma: float = 1 / 3
+    bias_lr_mult: float = 1.0  #: Caffe lr_mult of conv / linear biases (1 unless the prototxt says otherwise)
+    bias_decay_mult: float = 1.0  #: Caffe decay_mult of conv / linear biases
+    lr_steps: list[int] = dataclasses.field(default_factory=lambda: [215_000, 430_000])
+    lr_gamma: float = 0.316
+    lr_values: list[float] = dataclasses.field(default_factory=list)  #: lr of each segment (overrides lr_gamma)
     warmup_steps: int = 0
     batch_size: int = 40  #: per process; global batch = batch_size * world_size * accum_steps
     accum_steps: int = 1
-    max_steps: int = 450_000
+    max_steps: int = 500_000
     time_limit_min: float = 0.0  #: stop (with a checkpoint) after this many minutes (0: no limit)
     grad_clip: float = 0.0
     amp: str = "auto"  #: auto | bf16 | fp16 | none (CUDA only)
@@ -176,75 +187,81 @@ def grid_batch(cfg: PretextConfig, n: int) -> Optional[torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- model + target
-class Objective:
-    """Everything between an RGB batch and the loss: L input, targets at the output resolution, the loss."""
+#: the loss key -> the target it trains (rebal and ce differ in the rebalancing weights only)
+LOSS_TARGETS = {"rebal": "ab313", "ce": "ab313", "l2": "l2", "hue_chroma": "hue_chroma"}
+INIT_MODES = ("kmeans", "pca", "gaussian", "default")
 
-    def __init__(self, cfg: PretextConfig, device: torch.device, prior: Optional[dict]):
-        self.cfg, self.device = cfg, device
-        if cfg.loss not in ("rebal", "ce", "l2", "hue_chroma"):
-            raise UserError(f"loss must be rebal, ce, l2 or hue_chroma; got '{cfg.loss}'")
-        self.target = {"rebal": "ab313", "ce": "ab313", "l2": "l2", "hue_chroma": "hue_chroma"}[cfg.loss]
-        self.bins = (prior["bins"] if prior is not None else load_bins()).to(device)
-        self.prior = prior["probs"].float().to(device) if prior is not None else None
-        self.class_weights = None
-        if cfg.loss == "rebal":
-            if prior is None:
-                raise UserError("loss 'rebal' needs a prior: run `crosschannel prior DATA -o prior.npz` and set prior=prior.npz")
-            self.class_weights = rebalance_weights(prior["probs"], cfg.lam, cfg.rebalance_mode).to(device)
-        self.encoder = SoftEncoder(self.bins, k=cfg.k, sigma=cfg.sigma).to(device) if self.target == "ab313" else None
 
-    @property
-    def out_dim(self) -> int:
-        if self.target == "ab313":
-            return self.bins.shape[0]
-        if self.target == "l2":
-            return 2
-        from .hue_chroma import N_CHROMA, N_HUE
-
-        return N_HUE + N_CHROMA
-
-    def model_kwargs(self) -> dict:
-        kw = dict(self.cfg.model_kwargs)
-        kw.setdefault("out_dim", self.out_dim)
-        if self.target == "hue_chroma" and self.cfg.model == "vgg16_hypercolumn":
-            kw.setdefault("head", "hue_chroma")
-        return kw
-
-    def __call__(self, model, rgb: torch.Tensor, valid: torch.Tensor, points_gen: torch.Generator | None):
-        """Returns (loss, out, ab_target_at_output, mask)."""
-        lab = rgb_to_lab(rgb)
-        L, ab = lab[:, :1], lab[:, 1:]
-        P = self.cfg.points_per_image
-        if P > 0 and getattr(_unwrap(model), "supports_points", False):
-            pts = torch.rand(rgb.shape[0], P, 2, generator=points_gen, device="cpu").to(rgb.device) * 2 - 1
-            out = model(L, points=pts)  # (B, C, P, 1)
-            ab_t = F.grid_sample(ab, pts.unsqueeze(2), mode="nearest", align_corners=False)  # (B, 2, P, 1)
-        else:
-            out = model(L)
-            ab_t = resize_ab(ab, tuple(out.shape[-2:]))
-        out = out.float()
-        if self.target == "ab313":
-            idx, w = self.encoder(ab_t)
-            loss = multinomial_cross_entropy(out, idx, w, self.class_weights, mask=valid)
-        elif self.target == "l2":
-            loss = l2_ab_loss(out, ab_t, mask=valid)
-        else:
-            from .hue_chroma import hue_chroma_loss
-
-            loss = hue_chroma_loss(out, ab_t, mask=valid)
-        return loss, out, ab_t
+def build_target(cfg: PretextConfig, prior: Optional[dict]) -> Target:
+    if cfg.loss not in LOSS_TARGETS:
+        raise UserError(f"loss must be one of {', '.join(LOSS_TARGETS)}; got '{cfg.loss}'")
+    return TARGETS[LOSS_TARGETS[cfg.loss]].from_config(cfg, prior)
 
 
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def output_and_targets(model, x: torch.Tensor, ab: torch.Tensor, cfg: PretextConfig,
+                       points_gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the network on ``x``; return its output (fp32) and the ab (B, 2, ...) it is scored against, at the same
+    positions.
+
+    Models that sample points (``points_per_image``) are scored at the points. Otherwise ab is subsampled every
+    ``model.target_stride`` pixels (default: input size / output size), as the release does, or averaged over the
+    grid's cells (``target_sampling='area'``). Where the output's grid differs from the targets' (the released
+    AlexNet: 12x12 logits, 23x23 targets at 180 px), the output is resized bilinearly with aligned corners, as the
+    release's ``Resize`` layer does (``train_alexnet/train_val.prototxt``, ``fc8_upsample``).
+    """
+    P = cfg.points_per_image
+    if P > 0 and getattr(_unwrap(model), "supports_points", False):
+        pts = torch.rand(x.shape[0], P, 2, generator=points_gen, device="cpu").to(x.device) * 2 - 1
+        out = model(x, points=pts).float()  # (B, C, P, 1)
+        return out, F.grid_sample(ab, pts.unsqueeze(2), mode="nearest", align_corners=False)  # (B, 2, P, 1)
+    out = model(x).float()
+    stride = getattr(_unwrap(model), "target_stride", None) or max(1, round(x.shape[-2] / out.shape[-2]))
+    ab_t = subsample_ab(ab, stride, cfg.target_sampling)
+    if out.shape[-2:] != ab_t.shape[-2:]:
+        out = F.interpolate(out, size=tuple(ab_t.shape[-2:]), mode="bilinear", align_corners=True)
+    return out, ab_t
+
+
+@dataclasses.dataclass
+class StepOutput:
+    loss: torch.Tensor  #: the loss that was backpropagated (before division by accum_steps)
+    logs: dict  #: scalars to log (tensors), from the target's loss
+    out: torch.Tensor  #: the network output at the targets' positions
+    ab_t: torch.Tensor  #: ab at those positions
+    valid: torch.Tensor  #: (B,) bool: images that counted
+
+
+def train_step(model, rgb: torch.Tensor, ok: torch.Tensor, target: Target, cfg: PretextConfig, amp_dtype,
+               scaler, points_gen: torch.Generator | None) -> StepOutput:
+    """Forward and backward of one (micro-)batch: RGB -> Lab -> model input -> output and targets -> loss -> grads."""
+    lab = rgb_to_lab(rgb)
+    x = target.model_input(rgb, lab)
+    with torch.autocast(rgb.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out, ab_t = output_and_targets(model, x, lab[:, 1:], cfg, points_gen)
+    valid = ok & target.valid(ab_t)
+    loss, logs = target.loss(out, target.encode(ab_t), valid)
+    scaled = loss / cfg.accum_steps
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    return StepOutput(loss, logs, out, ab_t, valid)
+
+
 def build_optimizer(cfg: PretextConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    """Two parameter groups mirroring Caffe's per-blob ``lr_mult`` / ``decay_mult``: conv and linear biases
+    (``bias_lr_mult``, ``bias_decay_mult``) and every other parameter (1, 1). Decay is Caffe's (and torch's Adam):
+    L2 added to the gradient."""
+    layers = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+    bias_ids = {id(m.bias) for m in model.modules() if isinstance(m, layers) and m.bias is not None}
+    weights, biases = [], []
+    for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (biases if id(p) in bias_ids else weights).append(p)
+    groups = [{"params": weights, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+              {"params": biases, "weight_decay": cfg.weight_decay * cfg.bias_decay_mult, "lr_mult": cfg.bias_lr_mult}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.optimizer == "adamw":
@@ -255,32 +272,51 @@ def build_optimizer(cfg: PretextConfig, model: torch.nn.Module) -> torch.optim.O
 
 
 def lr_at(cfg: PretextConfig, step: int) -> float:
-    """Step schedule with optional linear warm-up (computed, not stored: resuming needs only the step)."""
-    lr = cfg.lr * cfg.lr_gamma ** sum(step >= s for s in cfg.lr_steps)
+    """Step schedule (``lr_values[n]``, or ``lr * lr_gamma ** n`` after n of ``lr_steps``) with optional linear warm-up
+    (computed, not stored: resuming needs only the step). Caffe's ``step`` policy with ``stepsize`` s is
+    ``lr_steps = [s, 2s, ...]``; its ``fixed`` solvers chained by snapshots are ``lr_values``."""
+    n = sum(step >= s for s in cfg.lr_steps)
+    lr = cfg.lr_values[n] if cfg.lr_values else cfg.lr * cfg.lr_gamma ** n
     if cfg.warmup_steps and step < cfg.warmup_steps:
         lr *= (step + 1) / cfg.warmup_steps
     return lr
 
 
+def optimizer_step(model, optimizer, scaler, cfg: PretextConfig, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # --------------------------------------------------------------------------------------------- logging helpers
-def saturation_stats(out: torch.Tensor, ab_t: torch.Tensor, obj: Objective, mask: torch.Tensor) -> tuple[float, float]:
+def saturation_stats(out: torch.Tensor, ab_t: torch.Tensor, target: Target, T: float,
+                     mask: torch.Tensor) -> tuple[float, float]:
     """Mean chroma |ab| of the prediction (annealed mean) and of the ground truth, over colour images: a
     prediction far less saturated than the truth is the well-known collapse to sepia."""
     with torch.no_grad():
-        pred = decode_ab(out, obj.target, obj.bins, obj.cfg.temperature)
+        pred = target.decode(out, T)
         m = mask.view(-1, 1, 1).float().expand(-1, *pred.shape[-2:])
         denom = m.sum().clamp(min=1)
         return float((pred.norm(dim=1) * m).sum() / denom), float((ab_t.norm(dim=1) * m).sum() / denom)
 
 
 @torch.no_grad()
-def sample_grid(model, rgb: torch.Tensor, obj: Objective) -> torch.Tensor:
+def sample_grid(model, rgb: torch.Tensor, target: Target, T: float) -> torch.Tensor:
     """Rows of grey input / prediction / ground truth, as one (3, H, W) image."""
     import torchvision
 
     was_training = model.training
     model.eval()
-    pred = colorize_rgb(model, rgb, obj.target, obj.bins, size=None, T=obj.cfg.temperature)
+    pred = colorize_rgb(model, rgb, target, target.bins, size=None, T=T)
     grey = gray_rgb(rgb)
     model.train(was_training)
     return torchvision.utils.make_grid(torch.cat([grey, pred, rgb.clamp(0, 1)]), nrow=rgb.shape[0], padding=2)
@@ -310,16 +346,21 @@ def plot_loss_curve(jsonl_path: Path, png_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def make_checkpoint(cfg, model, optimizer, scaler, obj: Objective, state: dict, rng_per_rank: list) -> dict:
+def model_kwargs(cfg: PretextConfig, target: Target) -> dict:
+    return {**target.model_kwargs(cfg.model), **cfg.model_kwargs}
+
+
+def make_checkpoint(cfg, model, optimizer, scaler, target: Target, prior: Optional[dict], state: dict,
+                    rng_per_rank: list) -> dict:
     m = _unwrap(model)
     return {
         "format": FORMAT,
         "model_name": cfg.model,
-        "model_kwargs": obj.model_kwargs(),
+        "model_kwargs": model_kwargs(cfg, target),
         "model": m.state_dict(),
-        "target": obj.target,
-        "bins": obj.bins.cpu(),
-        "prior": obj.prior.cpu() if obj.prior is not None else None,
+        "target": target.name,
+        "bins": target.bins.cpu() if target.bins is not None else None,
+        "prior": prior["probs"].float().cpu() if prior is not None else None,
         "input_size": cfg.size,
         "config": dataclasses.asdict(cfg),
         "optimizer": optimizer.state_dict(),
@@ -334,27 +375,24 @@ def checkpoint_path(cfg: PretextConfig) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- training
-def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: PretextConfig, state: dict, dist_info: DistInfo,
-                    device, amp_dtype, points_gen, logger: JsonlLogger, writer, bar, grid_rgb, t_start: float) -> bool:
+def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Optional[dict], cfg: PretextConfig,
+                    state: dict, dist_info: DistInfo, device, amp_dtype, points_gen, logger: JsonlLogger, writer, bar,
+                    grid_rgb, t_start: float) -> bool:
     """Run until the epoch ends or the run is over; returns True when the run is over."""
     model.train()
     micro = 0
     window_t, window_imgs = time.time(), 0
-    fault_step = int(os.environ.get("CROSSCHANNEL_FAULT_AT_STEP", "0"))  # crash injection for resume tests
     for rgb, ok, grey in loader:
         rgb = rgb.to(device, non_blocking=True)
-        valid = (ok & ~grey).to(device)
+        ok = ok.to(device)
         if cfg.channels_last and device.type == "cuda":
             rgb = rgb.contiguous(memory_format=torch.channels_last)
         last_micro = micro == cfg.accum_steps - 1
         sync_ctx = model.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, out, ab_t = obj(model, rgb, valid, points_gen)
-            scaled = loss / cfg.accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            res = train_step(model, rgb, ok, target, cfg, amp_dtype, scaler, points_gen)
         state["skipped"] += int((~ok).sum())
-        state["grey"] += int((ok & grey).sum())
+        state["grey"] += int((ok & ~res.valid).sum())  # readable, but no target cell has colour
         state["batch_in_epoch"] += 1
         window_imgs += rgb.shape[0] * dist_info.world_size
         micro += 1
@@ -362,54 +400,42 @@ def train_one_epoch(model, optimizer, scaler, loader, obj: Objective, cfg: Prete
             continue
         micro = 0
         lr = lr_at(cfg, state["step"])
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, cfg, lr)
         state["step"] += 1
         step = state["step"]
         if bar is not None:
             bar.update(1)
         # every rank stops together: one agreement per step for both reasons to stop early
         nonfinite, timed_out = any_process(
-            [not math.isfinite(loss.item()), cfg.time_limit_min > 0 and time.time() - t_start > cfg.time_limit_min * 60],
-            device)
+            [not math.isfinite(res.loss.item()),
+             cfg.time_limit_min > 0 and time.time() - t_start > cfg.time_limit_min * 60], device)
         if nonfinite:
             raise UserError(f"loss is not finite at step {step}; lower lr or check the data")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_avg = all_reduce_sum(loss.detach().clone()).item() / dist_info.world_size
-            sat_p, sat_t = saturation_stats(out, ab_t, obj, valid)
+            names = list(res.logs)
+            vals = all_reduce_sum(torch.stack([res.logs[k].detach().float() for k in names])) / dist_info.world_size
+            sat_p, sat_t = saturation_stats(res.out, res.ab_t, target, cfg.temperature, res.valid)
             ips = window_imgs / max(time.time() - window_t, 1e-9)
             window_t, window_imgs = time.time(), 0
-            rec = dict(kind="train", step=step, epoch=state["epoch"], loss=loss_avg, lr=lr, img_per_s=ips,
-                       sat_pred=sat_p, sat_true=sat_t, skipped=state["skipped"], grey=state["grey"])
+            rec = dict(kind="train", step=step, epoch=state["epoch"], **dict(zip(names, vals.tolist())), lr=lr,
+                       img_per_s=ips, sat_pred=sat_p, sat_true=sat_t, skipped=state["skipped"], grey=state["grey"])
             logger.log(**rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_avg:.3f}", img_s=f"{ips:.1f}", sat=f"{sat_p:.1f}/{sat_t:.1f}")
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{ips:.1f}", sat=f"{sat_p:.1f}/{sat_t:.1f}")
             if writer is not None:
-                for k in ("loss", "lr", "img_per_s", "sat_pred", "sat_true"):
+                for k in (*names, "lr", "img_per_s", "sat_pred", "sat_true"):
                     writer.add_scalar(f"train/{k}", rec[k], step)
         grid_due = cfg.image_every > 0 and (step % cfg.image_every == 0 or step == cfg.max_steps)
         if dist_info.is_main and grid_rgb is not None and grid_due:
-            save_grid(model, grid_rgb.to(device), obj, cfg, step, writer)
+            save_grid(model, grid_rgb.to(device), target, cfg, step, writer)
         done = step >= cfg.max_steps or timed_out
         if step % cfg.checkpoint_every == 0 or done:
             # every rank's RNG state goes into the checkpoint, so that a resumed DDP run continues exactly
             rng = all_gather_objects({"rng": get_rng_state(), "points_rng": points_gen.get_state()})
             if dist_info.is_main:
-                save_checkpoint(make_checkpoint(cfg, model, optimizer, scaler, obj, state_for_ckpt(state), rng),
-                                checkpoint_path(cfg))
+                save_checkpoint(make_checkpoint(cfg, model, optimizer, scaler, target, prior, state_for_ckpt(state),
+                                                rng), checkpoint_path(cfg))
             barrier()
-        if fault_step and step == fault_step:
-            os.kill(os.getpid(), signal.SIGKILL)
         if done:
             if timed_out:
                 log.info("time limit of %.1f min reached at step %d", cfg.time_limit_min, step)
@@ -421,10 +447,10 @@ def state_for_ckpt(state: dict) -> dict:
     return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped", "grey")}
 
 
-def save_grid(model, rgb, obj, cfg, step, writer) -> None:
+def save_grid(model, rgb, target: Target, cfg, step, writer) -> None:
     import torchvision
 
-    grid = sample_grid(_unwrap(model), rgb, obj)
+    grid = sample_grid(_unwrap(model), rgb, target, cfg.temperature)
     path = Path(cfg.out_dir) / "images" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image(grid, path)
@@ -449,8 +475,46 @@ def check_config(cfg: PretextConfig) -> None:
     for key in ("batch_size", "accum_steps", "max_steps", "checkpoint_every", "log_every", "size", "k"):
         if getattr(cfg, key) <= 0:
             raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
-    if cfg.image_every < 0 or cfg.workers < 0 or cfg.points_per_image < 0:
-        raise UserError("image_every, workers and points_per_image must be >= 0 (image_every 0: no sample grids)")
+    if cfg.image_every < 0 or cfg.workers < 0 or cfg.points_per_image < 0 or cfg.init_images < 0:
+        raise UserError("image_every, workers, points_per_image and init_images must be >= 0 "
+                        "(image_every 0: no sample grids; init_images 0: one batch)")
+    for key, allowed in (("target_sampling", ("point", "area")), ("loss_norm", ("batch", "pixel")),
+                         ("init", INIT_MODES)):
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")
+    if list(cfg.lr_steps) != sorted(cfg.lr_steps):
+        raise UserError(f"lr_steps must be increasing, got {list(cfg.lr_steps)}")
+    if cfg.lr_values and (len(cfg.lr_values) != len(cfg.lr_steps) + 1 or cfg.lr_values[0] != cfg.lr):
+        raise UserError(f"lr_values needs one lr per segment of lr_steps ({len(cfg.lr_steps) + 1}), the first equal "
+                        f"to lr ({cfg.lr}); got {list(cfg.lr_values)}")
+
+
+def init_batch(cfg: PretextConfig, dataset, target: Target, device: torch.device) -> torch.Tensor:
+    """The model input of the data-dependent initialisation: ``init_images`` (default: one batch) readable, coloured
+    training images, the same on every process and for every world size (a seeded draw, the crops of epoch 0)."""
+    n = min(cfg.init_images or cfg.batch_size, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    items = [(i, (cfg.seed * 7_919 + j) % (2**63 - 1)) for j, i in enumerate(order[:n])]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=n, sampler=items, num_workers=cfg.workers)
+    rgb, ok, _ = next(iter(loader))
+    rgb = rgb.to(device)
+    rgb = rgb.float().div_(255) if rgb.dtype == torch.uint8 else rgb
+    lab = rgb_to_lab(rgb)
+    keep = ok.to(device) & target.valid(lab[:, 1:])
+    if not bool(keep.any()):
+        raise UserError(f"data-dependent init ({cfg.init}): none of the {n} initialisation images is readable and "
+                        "coloured")
+    return target.model_input(rgb, lab)[keep]
+
+
+def initialise(cfg: PretextConfig, model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """Data-dependent initialisation (Kraehenbuehl et al., ICLR 2016; ``pretext.init``) of a fresh model on ``x``."""
+    from .init import data_dependent_init
+
+    t0 = time.time()
+    report = data_dependent_init(model, x, mode=cfg.init)
+    log.info("data-dependent init (%s) on %d images in %.1fs", cfg.init, x.shape[0], time.time() - t0)
+    return report
 
 
 def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device: torch.device) -> int:
@@ -466,11 +530,15 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
     from .prior import load_prior
 
     prior = load_prior(cfg.prior) if cfg.prior else None
-    obj = Objective(cfg, device, prior)
+    target = build_target(cfg, prior)
+    kwargs = model_kwargs(cfg, target)
     try:
-        model = models.create_model(cfg.model, **obj.model_kwargs()).to(device)
+        model = models.create_model(cfg.model, **kwargs).to(device)
     except (ValueError, TypeError) as e:
-        raise UserError(f"model '{cfg.model}' with {obj.model_kwargs()}: {e}") from None
+        raise UserError(f"model '{cfg.model}' with {kwargs}: {e}") from None
+    dataset = get_dataset(cfg)
+    if not resume and cfg.init != "default":  # step 0 only: a resumed run loads its weights
+        initialise(cfg, model, init_batch(cfg, dataset, target, device))
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -500,7 +568,6 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = get_dataset(cfg)
     sampler = ShardedSampler(len(dataset), cfg.batch_size, dist_info.rank, dist_info.world_size, cfg.seed,
                              multiple_of=cfg.accum_steps)
     if sampler.batches_per_epoch == 0:
@@ -508,7 +575,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
                         f"({cfg.batch_size} x {dist_info.world_size} processes x {cfg.accum_steps} accumulation steps)")
     log.info("%d images, %d batches/epoch, model %s (%.1fM params), target %s, loss %s, device %s, world %d",
              len(dataset), sampler.batches_per_epoch, cfg.model, sum(p.numel() for p in model.parameters()) / 1e6,
-             obj.target, cfg.loss, device, dist_info.world_size)
+             target.name, cfg.loss, device, dist_info.world_size)
     logger = JsonlLogger(out_dir / "log.jsonl", enabled=dist_info.is_main)
     writer = None
     if cfg.tensorboard and dist_info.is_main:
@@ -530,8 +597,8 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
             start_batch = 0
         sampler.set_epoch(state["epoch"], start_batch)
-        done = train_one_epoch(model, optimizer, scaler, loader, obj, cfg, state, dist_info, device, amp_dtype,
-                               points_gen, logger, writer, bar, grid_rgb, t_start)
+        done = train_one_epoch(model, optimizer, scaler, loader, target, prior, cfg, state, dist_info, device,
+                               amp_dtype, points_gen, logger, writer, bar, grid_rgb, t_start)
         if not done:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()

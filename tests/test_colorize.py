@@ -29,7 +29,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def _eccv16_layout(model) -> OrderedDict:
-    """ZhangVGG weights in the layout of the released colorization_release_v2 .pth (pre-0.4: no num_batches_tracked)."""
+    """Weights of a ZhangVGG(bn_affine=True, l_norm=100) in the layout of the released colorization_release_v2 .pth
+    (pre-0.4: no num_batches_tracked)."""
     sd = OrderedDict()
     for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked"):
@@ -39,8 +40,20 @@ def _eccv16_layout(model) -> OrderedDict:
         else:
             k = "model" + k[len("conv"):]
         sd[k] = v.clone()
-    sd["model_out.weight"] = torch.randn(2, 313, 1, 1)
+    sd["model_out.weight"] = (load_bins() * 0.9).t().reshape(2, 313, 1, 1) / 110.0  # not quite pts_in_hull
     return sd
+
+
+def _official_forward(sd: OrderedDict, L: torch.Tensor) -> torch.Tensor:
+    """richzhang/colorization colorizers/eccv16.py ECCVGenerator.forward, transcribed: (L - 50) / 100 -> model1..8 ->
+    plain softmax -> model_out (1x1 conv, no bias) -> x4 bilinear upsampling -> x 110."""
+    port = create_model("zhang_vgg", bn_affine=True, l_norm=100.0).eval()  # the port's layers in our names
+    port.load_state_dict({("head." + k[9:] if k.startswith("model8.6.") else "conv" + k[5:]): v
+                          for k, v in sd.items() if k != "model_out.weight"}, strict=False)
+    with torch.no_grad():
+        probs = torch.softmax(port(L), dim=1)
+        ab = torch.nn.functional.conv2d(probs, sd["model_out.weight"])
+        return torch.nn.functional.interpolate(ab, scale_factor=4, mode="bilinear", align_corners=False) * 110.0
 
 
 def _run(argv, capsys):
@@ -145,16 +158,50 @@ def test_python_api_and_cache(ckpt, shared_data):
     assert out.mode == "RGBA" and out.size == rgba.size
 
 
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+
+
 def test_eccv16_release_weights(tmp_path, shared_data):
+    from pretext.predict import predict_ab_lowres
+
     torch.manual_seed(0)
-    ref = create_model("zhang_vgg").eval()
+    ref = create_model("zhang_vgg", bn_affine=True, l_norm=100.0)
+    _randomise_bn(ref)
+    with torch.no_grad():
+        ref.head.weight.mul_(100.0)  # logits of a trained net's spread, so that the temperature matters
+    sd = _eccv16_layout(ref.eval())
     path = tmp_path / "colorization_release_v2.pth"
-    torch.save(_eccv16_layout(ref), path)
+    torch.save(sd, path)
     col = load_colorizer(path)
     assert col.kind == "eccv16" and col.target == "ab313" and col.input_size == 256
-    L = torch.rand(1, 1, 32, 32) * 100
-    with torch.no_grad():
-        assert torch.allclose(col.model(L), ref(L), atol=1e-4)
+    assert abs(col.temperature - 1 / 2.606) < 1e-9
+    L = torch.rand(2, 1, 48, 64) * 100
+    official = _official_forward(sd, L)
+    # the default decode of imported weights reproduces the official forward (softmax, model_out, x4 upsampling)
+    ab_low = predict_ab_lowres(col.model, L, col.target, col.bins, col.temperature, channels_last=col.channels_last)
+    ours = torch.nn.functional.interpolate(ab_low, scale_factor=4, mode="bilinear", align_corners=False)
+    assert official.shape == ours.shape == (2, 2, 48, 64)
+    torch.testing.assert_close(ours, official, atol=1e-4, rtol=0)
+    # a wrong temperature would show: T = 1 (a plain mean of the imported logits) is far off; the paper's 0.38 is
+    # close to, not the same as, the deploy net's 1 / 2.606
+    assert (predict_ab_lowres(col.model, L, col.target, col.bins, 1.0) - ab_low).abs().max() > 1.0
+    assert 0 < (predict_ab_lowres(col.model, L, col.target, col.bins, 0.38) - ab_low).abs().max() < 1.0
+    # --temperature means the same for imported weights and a crosschannel checkpoint of the same logits
+    ck = tmp_path / "cc.pth"
+    torch.save(dict(model_name="zhang_vgg", model_kwargs=dict(bn_affine=True), model=col.model.state_dict(),
+                    target="ab313", bins=col.bins.cpu(), prior=None, input_size=256, config={"temperature": 0.38}), ck)
+    cc = load_colorizer(ck)
+    for T in (0.2, 0.38, 1.0):
+        torch.testing.assert_close(predict_ab_lowres(cc.model, L, cc.target, cc.bins, T),
+                                   predict_ab_lowres(col.model, L, col.target, col.bins, T), atol=1e-4, rtol=0)
     img = Image.open(shared_data / "legacy_bw" / "coins.png")
     assert colorize(img, col, size=32).size == img.size
 

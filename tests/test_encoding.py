@@ -15,8 +15,10 @@ from pretext.encoding import (
     annealed_mean,
     gaussian_smooth_prior,
     load_bins,
+    nongray_mask,
     pixel_weights,
     rebalance_weights,
+    subsample_ab,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -233,3 +235,40 @@ def test_annealed_mean():
     out = annealed_mean(lg, load_bins(), T=0.38)
     assert out.shape == (3, 2, 4, 5)
     assert torch.allclose(out[2:, :, 1:2, 3:4], annealed_mean(lg[2:, :, 1:2, 3:4], load_bins(), T=0.38))
+
+
+def test_subsample_ab_point_and_area():
+    # the release's data_ab_ss: a 1x1 convolution with weight 1, stride s, no padding -> pixel (s*i, s*j)
+    ab = torch.arange(2 * 180 * 180, dtype=torch.float32).view(1, 2, 180, 180)
+    pt = subsample_ab(ab, 8)
+    assert pt.shape == (1, 2, 23, 23)  # (180 - 1) // 8 + 1: Caffe's convolution output size
+    assert pt[0, 1, 22, 3] == ab[0, 1, 176, 24] and pt[0, 0, 0, 0] == ab[0, 0, 0, 0]
+    assert subsample_ab(ab[..., :176, :176], 4).shape == (1, 2, 44, 44)  # the VGG net: 176 -> 44, its output size
+    # the averaging option: cell means on the same grid
+    area = subsample_ab(ab[..., :16, :16], 8, mode="area")
+    assert area.shape == (1, 2, 2, 2) and area[0, 0, 1, 0] == ab[0, 0, 8:16, 0:8].mean()
+    assert torch.equal(subsample_ab(ab, 1, "area"), ab)
+    with pytest.raises(ValueError):
+        subsample_ab(ab, 8, mode="nearest")
+
+
+def test_point_sampling_keeps_edge_colours():
+    """Why point sampling is the default: averaging over a cell that straddles an edge gives a colour of neither
+    side (a red / green edge averages to a dull in-between), a point sample gives one of the two."""
+    ab = torch.zeros(1, 2, 8, 8)
+    ab[:, 0, :, :3] = 60.0  # red-ish left part
+    ab[:, 0, :, 3:] = -50.0  # green-ish right part
+    enc = SoftEncoder(load_bins(), k=1)
+    sides = set(enc.nearest(ab[..., :1, :]).unique().tolist())
+    assert enc.nearest(subsample_ab(ab, 8)).item() in sides
+    assert enc.nearest(subsample_ab(ab, 8, "area")).item() not in sides
+
+
+def test_nongray_mask_as_released():
+    # NonGrayMaskLayer: 1 if any |a| or |b| of the (subsampled) target exceeds 5, strictly
+    ab = torch.zeros(4, 2, 3, 3)
+    ab[1, 0, 2, 2] = 5.0  # at the threshold: grey
+    ab[2, 1, 0, 1] = -5.01  # above it, negative b
+    ab[3] = 4.9
+    assert nongray_mask(ab).tolist() == [False, False, True, False]
+    assert nongray_mask(ab, thresh=4.8).tolist() == [False, True, True, True]

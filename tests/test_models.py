@@ -16,7 +16,12 @@ from pretext.models.alexnet_cc import (
     export_alexnet_transfer,
 )
 from pretext.models.hypercolumn import pixel_centre_points
-from pretext.models.zhang_vgg import convert_eccv16_state_dict, load_eccv16_state_dict
+from pretext.models.zhang_vgg import (
+    ECCV16_LOGIT_SCALE,
+    convert_eccv16_state_dict,
+    eccv16_bins,
+    load_eccv16_state_dict,
+)
 
 # small kwargs and two input sizes (base, base + largest reduction) per model
 SMALL = {
@@ -46,8 +51,9 @@ def _randomise_bn(model):
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
 
 
 def test_every_registered_model_is_tested():
@@ -204,35 +210,82 @@ def test_eccv16_conversion_known_answer():
     # pre-0.4 checkpoints (the official release) have no num_batches_tracked
     sd = {k: v for k, v in ref.state_dict().items() if not k.endswith('num_batches_tracked')}
     assert 'model8.6.weight' in sd and 'model_out.weight' in sd
-    m = create_model('zhang_vgg')
+    m = create_model('zhang_vgg', bn_affine=True)  # as released for training: L - 50, i.e. l_norm 1
     load_eccv16_state_dict(m, sd)
     m.eval()
     L = _L(2, 32)
     with torch.no_grad():
-        torch.testing.assert_close(m(L), ref(L), atol=1e-5, rtol=1e-4)
+        # the imported logits are model8.6's output without the deploy net's x2.606 (conv8_313_rh)
+        torch.testing.assert_close(m(L) * ECCV16_LOGIT_SCALE, ref(L), atol=1e-5, rtol=1e-4)
+        # the first block too (a random deep net's logits hardly depend on its input): the port sees (L - 50) / 100
+        torch.testing.assert_close(extract_taps(m, L, ['conv1'])['conv1'], ref.model1((L - 50) / 100),
+                                   atol=1e-5, rtol=1e-4)
     assert 'model_out.weight' not in convert_eccv16_state_dict(sd)
+    # the bins the official forward decodes with: model_out (2, 313, 1, 1) holds them / 110
+    torch.testing.assert_close(eccv16_bins(sd), sd['model_out.weight'][:, :, 0, 0].t() * 110.0)
 
     bad = dict(sd)
     del bad['model3.4.bias']
     bad['model9.0.weight'] = torch.zeros(1)
     with pytest.raises(KeyError, match=r"missing=\['conv3.4.bias'\] unexpected=\['model9.0.weight'\]"):
-        load_eccv16_state_dict(create_model('zhang_vgg'), bad)
+        load_eccv16_state_dict(create_model('zhang_vgg', bn_affine=True), bad)
+
+
+def _caffe_conv_out(n, k, s, p):  # caffe/layers/base_conv_layer.cpp: rounds down
+    return (n + 2 * p - k) // s + 1
+
+
+def _caffe_pool_out(n, k, s, p):  # caffe/layers/pooling_layer.cpp: rounds up, last window starts inside the image
+    out = -(-(n + 2 * p - k) // s) + 1
+    return out - 1 if p and (out - 1) * s >= n + p else out
+
+
+@pytest.mark.parametrize('size', [180, 227, 176, 97])
+def test_alexnet_release_geometry(size):
+    """Tap sizes of train_alexnet/train_val.prototxt, computed with Caffe's size formulas."""
+    n = _caffe_conv_out(size, 11, 4, 5)          # conv1 k11 s4 p5
+    want = {'conv1': n}
+    n = want['pool1'] = _caffe_pool_out(n, 3, 2, 1)  # pool1 3/2 p1
+    want['conv2'] = n                            # conv2 k5 p2
+    n = want['pool2'] = _caffe_pool_out(n, 3, 2, 1)  # pool2 3/2 p1
+    want.update(conv3=n, conv4=n, conv5=n)
+    n = want['pool5'] = _caffe_pool_out(n, 3, 1, 1)  # pool5 3/1 p1
+    want['fc6'] = _caffe_conv_out(n, 11, 1, 5)   # 6x6 kernel, dilation 2: extent 11, pad 5
+    want['fc7'] = want['fc6']
+    m = _build('alexnet_cc').eval()
+    with torch.no_grad():
+        taps = extract_taps(m, _L(1, size), list(want))
+        out = m(_L(1, size))
+    assert {k: v.shape[-1] for k, v in taps.items()} == want
+    assert out.shape[-2:] == (want['fc7'], want['fc7'])
+    if size == 180:
+        assert out.shape[-1] == 12  # and 23x23 targets: see test_train
+    # BatchNorm without scale and shift (Caffe BatchNorm, no Scale layer); every conv keeps its bias
+    bns = [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]
+    assert len(bns) == 7 and not any(b.affine for b in bns)
+    assert all(c.bias is not None for c in m.modules() if isinstance(c, nn.Conv2d))
 
 
 def test_alexnet_bn_folding_equivalence():
+    """The transfer export: the trained weights, BatchNorm and the input scale folded in, standard geometry."""
     torch.manual_seed(0)
-    m = AlexNetCC(fc_dim=16)
-    _randomise_bn(m)
-    m.eval()
-    t = export_alexnet_transfer(m).eval()
-    taps = ['conv1', 'conv2', 'conv3', 'conv4', 'conv5']
     L = _L(1, 227)
-    with torch.no_grad():
-        a, b = extract_taps(m, L, taps), extract_taps(t, L, taps + ['pool5'])
-    for n in taps:
-        torch.testing.assert_close(b[n], a[n], atol=1e-4, rtol=1e-4)
-    assert b['pool5'].shape == (1, 256, 6, 6)  # standard AlexNet geometry at 227x227
-    assert isinstance(t, AlexNetTransfer) and not any(isinstance(x, nn.BatchNorm2d) for x in t.modules())
+    taps = ['conv1', 'conv2', 'conv3', 'conv4', 'conv5']
+    for kwargs in (dict(geometry='standard', bn_affine=True, l_norm=100.0), dict()):
+        m = AlexNetCC(fc_dim=16, **kwargs)
+        _randomise_bn(m)
+        m.eval()
+        t = export_alexnet_transfer(m).eval()
+        # the same weights in the standard geometry (conv1 pad 0, unpadded pools): what the export must compute
+        same = AlexNetCC(fc_dim=16, **{**kwargs, 'geometry': 'standard'})
+        same.load_state_dict(m.state_dict())
+        same.eval()
+        with torch.no_grad():
+            a, b = extract_taps(same, L, taps), extract_taps(t, L, taps + ['pool5'])
+        for n in taps:
+            torch.testing.assert_close(b[n], a[n], atol=1e-4, rtol=1e-4)
+        assert b['pool5'].shape == (1, 256, 6, 6)  # standard AlexNet geometry at 227x227
+        assert isinstance(t, AlexNetTransfer) and not any(isinstance(x, nn.BatchNorm2d) for x in t.modules())
 
 
 def test_model_from_checkpoint_roundtrip():

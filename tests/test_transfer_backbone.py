@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from test_voc import SHARED
 
 from pretext.color import gray_rgb, rgb_to_l, rgb_to_lab
 from pretext.models import create_model
@@ -14,13 +15,16 @@ from transfer.backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     _TORCHVISION_LAYERS,
+    RescaleNet,
     _stage_key_map,
     alexnet_transfer_net,
     build_backbone,
     convert_state_dict,
     gaussian_init,
     network_input,
+    rescale_backbone,
     vgg16_transfer_net,
+    weight_layers,
 )
 
 
@@ -249,3 +253,73 @@ def test_network_input_kinds():
     torch.testing.assert_close(rgb_to_l(g.expand(-1, 3, -1, -1)), rgb_to_l(rgb), atol=1e-3, rtol=0)  # same lightness
     with pytest.raises(ValueError):
         network_input(rgb, "hsv")
+
+
+def _voc_crops(n: int = 8) -> torch.Tensor:
+    """Random 227 px square crops of the real VOC2012 images in ../shared/data/voc_sample (the protocol's crops)."""
+    from pretext.data import pil_to_tensor, read_image
+    from transfer.classification import crop_params, square_crop
+
+    paths = sorted((SHARED / "voc_sample" / "bbox_detection" / "JPEGImages").glob("*.jpg"))
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(n):
+        img = pil_to_tensor(read_image(paths[k % len(paths)]))
+        out.append(square_crop(img, *crop_params(img.shape[1], img.shape[2], 227, 0.5, 2.0, True, g), 227))
+    return torch.stack(out)
+
+
+def _gradient_ratios(rs, x, draws: int = 4) -> torch.Tensor:
+    """RMS(dW) / RMS(W) of every rescaled layer with N(0, 1) gradients injected at the top of the rescaling net (the
+    quantity magic_init equalises), measured here independently of pretext.init: the root of the mean over ``draws``
+    of the squared ratio (its expectation over the injected noise)."""
+    layers = weight_layers(rs.net, rs.net.stage_names[: rs.net.stage_names.index("fc7") + 1]) + [rs.fc8_]
+    g = torch.Generator().manual_seed(123)
+    acc = torch.zeros(len(layers), dtype=torch.float64)
+    for _ in range(draws):
+        rs.zero_grad()
+        top = rs(x)
+        top.backward(torch.randn(top.shape, generator=g))
+        acc += torch.tensor([(m.weight.grad.pow(2).mean() / m.weight.pow(2).mean()).item() for m in layers])
+    return (acc / draws).sqrt()
+
+
+@pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
+def test_rescaling_equalises_gradient_ratios_on_voc_images(tmp_path):
+    write_pretext_checkpoint(tmp_path / "c.pth", fc_dim=512)
+    rgb = _voc_crops(8)
+    plain = build_backbone(str(tmp_path / "c.pth"), rescale=False).eval()
+    net = build_backbone(str(tmp_path / "c.pth"), rescale=False).eval()
+    x = net.prepare(rgb)
+    rs = RescaleNet(net, torch.Generator().manual_seed(0))
+    before = _gradient_ratios(rs, x)
+    ratios = rescale_backbone(net, x, rescale_net=rs)
+    reported = torch.tensor(ratios)
+    assert len(ratios) == 8 and net.info["rescale"] == {"images": 8, "ratios": ratios}  # conv1..5, fc6, fc7, fc8_
+    assert ((reported / reported.log().mean().exp() - 1).abs() < 0.01).all(), reported  # equal within 1%
+    after = _gradient_ratios(rs, x)
+    spread = lambda r: (r.max() / r.min()).item()  # noqa: E731
+    # measured here over fresh noise: 1e5 apart before, within 10% after (1% holds for the draw pretext.init used)
+    assert spread(before) > 100 and spread(after) < 1.2, (before, after)
+    # a ReLU network without BatchNorm computes the same function up to an output scale
+    with torch.no_grad():
+        a, b = plain.forward_features(x, "fc7"), net.forward_features(x, "fc7")
+    scale = (b * a).sum() / (a * a).sum()
+    torch.testing.assert_close(b, scale * a, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+    # through the builder: rescaled on the given images; zhang_vgg has BatchNorm: skipped, the reason recorded
+    assert build_backbone(str(tmp_path / "c.pth"), images=rgb[:4]).info["rescale"]["images"] == 4
+    write_pretext_checkpoint(tmp_path / "z.pth", "zhang_vgg")
+    assert build_backbone(str(tmp_path / "z.pth"), images=rgb[:1, :, :64, :64]).info["rescale"] == "skipped (BatchNorm)"
+
+
+@pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
+def test_data_dependent_random_init_on_voc_images():
+    rgb = _voc_crops(8)
+    net = build_backbone(random_init="dd_gaussian", images=rgb, fc_dim=64, seed=1)  # kmeans / pca: same path, slower
+    assert net.info["init"] == "dd_gaussian" and net.info["init_report"]["converged"]
+    with torch.no_grad():  # within-layer step: every conv1 channel has the same std on the batch (1, then one scale)
+        pre = net.conv1[0](net.norm(net.prepare(rgb)))
+    sd = pre.transpose(0, 1).flatten(1).std(1)
+    assert (sd / sd.mean() - 1).abs().max() < 1e-3
+    other = build_backbone(random_init="gaussian", fc_dim=64, seed=1)
+    assert not torch.equal(net.conv1[0].weight, other.conv1[0].weight)

@@ -4,7 +4,7 @@ segmentation), with the baselines of Zhang et al. Table 2 built the same way.
 API (what the task modules use)
 -------------------------------
 ``build_backbone(checkpoint=None, random_init=None, supervised=None, *, input="gray", fc="conv",
-conv1_padding=None, images=None, rescale=True, seed=0, fc_dim=4096) -> TransferNet``; exactly one source:
+conv1_padding=None, images=None, rescale=True, seed=0, fc_dim=4096, device=None) -> TransferNet``; one source:
 
 * ``checkpoint``: a pretext checkpoint (``pretext.train``'s format: ``model_name``, ``model_kwargs``, ``model``).
   ``alexnet_cc`` goes through ``pretext.models.alexnet_cc.export_alexnet_transfer`` (standard AlexNet geometry,
@@ -46,6 +46,24 @@ has; skipped, with a log line, for networks with BatchNorm.
 
 Key conversion is explicit (:func:`convert_state_dict`): every source key is mapped or listed as dropped; any
 missing or unexpected key is a one-line :class:`pretext.runtime.UserError` naming the file and the keys.
+
+Geometry: the colorization AlexNet (``arch`` 'alexnet_cc': 96/256/384/384/256 channels, groups 2 in conv2/4/5,
+conv1 padding 0) pools 3/2 rounding up as Caffe does (227 px -> conv5 13x13 -> pool5 6x6; the FCN crop offsets of
+the release assume Caffe's rounding); torchvision's AlexNet/VGG round down as they were trained. ``device`` builds
+(and rescales) on that device; ``images`` are moved there. Other helpers: :func:`network_input` (the conversion
+behind ``prepare``), :func:`weight_layers` (conv/linear layers of some stages, e.g. for parameter groups),
+:func:`rescale_backbone` / :class:`RescaleNet` (the rescaling alone), :func:`describe` (one line for logs).
+
+Examples::
+
+    rgb = next(iter(loader))[0]                                   # real training images, (B, 3, H, W) in [0, 1]
+    # detection (Fast R-CNN on conv5): body at stride 16, box head from the pretrained fc6/fc7
+    net = build_backbone(ckpt, input="gray", fc="linear", images=rgb, device=dev)
+    body, head = net.trunk("conv5"), net.box_head()               # body(net.prepare(rgb)): (B, 256, ~H/16, ~W/16)
+    body.out_channels = net.channels("conv5")                     # torchvision's FasterRCNN wants it
+    # segmentation (FCN-32s): conv1 padded by 100, fc6 6x6 and fc7 1x1 convolutions
+    net = build_backbone(ckpt, input="color", fc="conv", conv1_padding=100, images=rgb, device=dev)
+    score_in = net(net.prepare(rgb))                              # drop7 output, (B, 4096, h, w) at stride 32
 """
 from __future__ import annotations
 
@@ -493,7 +511,7 @@ def _has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
-class _RescaleNet(nn.Module):
+class RescaleNet(nn.Module):
     """The network as the release's rescaling net (``train_val_nobn_rs.prototxt``): the trunk to fc7 (no dropout)
     and a random 1000-way 1x1 layer ``fc8_`` (N(0, 0.01), bias 1) on top, where the gradients are injected."""
 
@@ -513,47 +531,44 @@ class _RescaleNet(nn.Module):
 
 
 def rescale_backbone(net: TransferNet, x: torch.Tensor, seed: int = 0, tol: float = 0.01,
-                     max_rounds: int = 10) -> list[float] | None:
+                     max_rounds: int = 10, rescale_net: RescaleNet | None = None) -> list[float] | None:
     """magic_init's between-layer rescaling of ``net`` in place on the network input ``x`` (``net.prepare(rgb)``),
     as the release's ``postprocess_model.sh`` (``magic_init_mod.py -cs``). Returns the final gradient ratios
     (``pretext.init.between_layer_rescale``), or None when skipped (BatchNorm: the ratios would not be those of the
-    network that is fine-tuned)."""
+    network that is fine-tuned). ``rescale_net``: the :class:`RescaleNet` to use (default: a new one from
+    ``seed``; given, its rescaled top stays inspectable)."""
     if _has_batchnorm(net):
         log.info("rescaling skipped: %s has BatchNorm layers (the release rescaled the BN-free AlexNet)", net.arch)
         net.info["rescale"] = "skipped (BatchNorm)"
         return None
     from pretext.init import between_layer_rescale
 
-    g = torch.Generator().manual_seed(seed)
-    rs = _RescaleNet(net, g)
-    was_training = net.training
-    rs.eval()
+    rs = rescale_net or RescaleNet(net, torch.Generator().manual_seed(seed))
     layers = weight_layers(net, net.stage_names[: net.stage_names.index(rs.top) + 1]) + [rs.fc8_]
-    torch.manual_seed(seed)
-    ratios = between_layer_rescale(rs, x, forward=None, layers=layers, tol=tol, max_rounds=max_rounds)
-    net.train(was_training)
+    ratios = between_layer_rescale(rs, x, forward=None, layers=layers, tol=tol, max_rounds=max_rounds, seed=seed)
     ratios = [float(r) for r in ratios]
     net.info["rescale"] = {"images": int(x.shape[0]), "ratios": ratios}
     return ratios
 
 
 def _random(kind: str, input_kind: str, fc: str, conv1_padding: int | None, x: torch.Tensor | None,
-            seed: int, fc_dim: int) -> TransferNet:
+            seed: int, fc_dim: int, device: torch.device) -> TransferNet:
     if kind not in RANDOM_INITS:
         raise UserError(f"random_init must be one of {RANDOM_INITS}, got '{kind}'")
     net = alexnet_transfer_net("alexnet_cc", input_kind, fc, fc_dim, conv1_padding)
     g = torch.Generator().manual_seed(seed)
     if kind == "gaussian":
         gaussian_init(net, g)
+        net.to(device)
     else:
         if x is None:
             raise UserError(f"random_init {kind} (data-dependent) needs images")
         from pretext.init import data_dependent_init
 
-        torch.manual_seed(seed)
-        net.eval()
+        net.to(device)
         mode = "gaussian" if kind == "dd_gaussian" else kind
-        data_dependent_init(net, x, mode=mode, forward=None, rescale=True, layers=weight_layers(net))
+        report = data_dependent_init(net, x, mode=mode, forward=None, rescale=True, layers=weight_layers(net), seed=seed)
+        net.info["init_report"] = {"rounds": report["rounds"], "converged": report["converged"]}
     net.info.update(source="random", init=kind, seed=seed)
     return net
 
@@ -561,7 +576,7 @@ def _random(kind: str, input_kind: str, fc: str, conv1_padding: int | None, x: t
 def build_backbone(checkpoint: str | None = None, random_init: str | None = None, supervised: str | None = None, *,
                    input: str = "gray", fc: str = "conv", conv1_padding: int | None = None,
                    images: torch.Tensor | None = None, rescale: bool = True, seed: int = 0,
-                   fc_dim: int = 4096) -> TransferNet:
+                   fc_dim: int = 4096, device: torch.device | str | None = None) -> TransferNet:
     """Build the transfer network from exactly one source (see the module docstring).
 
     Args:
@@ -575,6 +590,7 @@ def build_backbone(checkpoint: str | None = None, random_init: str | None = None
         rescale: rescale a checkpoint's network on ``images`` (the release's post-processing).
         seed: seed of random weights and of the rescaling's injected gradients.
         fc_dim: fc6/fc7 width of a random network (a checkpoint or a supervised file brings its own).
+        device: where the network is built and rescaled / initialised (default: the CPU).
     """
     given = [s for s in (checkpoint, random_init, supervised) if s]
     if len(given) != 1:
@@ -583,20 +599,23 @@ def build_backbone(checkpoint: str | None = None, random_init: str | None = None
         raise UserError(f"input must be one of {INPUT_MODES}, got '{input}'")
     if fc not in FC_LAYOUTS:
         raise UserError(f"fc must be one of {FC_LAYOUTS}, got '{fc}'")
+    device = torch.device(device or "cpu")
+    if images is not None:
+        images = images.to(device)
     if checkpoint:
-        net = _from_checkpoint(checkpoint, fc, conv1_padding)
+        net = _from_checkpoint(checkpoint, fc, conv1_padding).to(device)
         if input == "color":
             _replace_first_conv(net, _conv1_l_to_lab, "Lab")
         if rescale:
             if images is None:
                 raise UserError("rescaling needs images (or turn it off: rescale=false)")
             with torch.no_grad():
-                x = net.prepare(images.to(next(net.parameters()).device))
+                x = net.prepare(images)
             rescale_backbone(net, x, seed)
         else:
             net.info["rescale"] = "off"
     elif supervised:
-        net = _from_supervised(supervised, fc, conv1_padding)
+        net = _from_supervised(supervised, fc, conv1_padding).to(device)
         if input == "gray":
             _replace_first_conv(net, _conv1_rgb_to_grey, "grey")
     else:
@@ -605,7 +624,7 @@ def build_backbone(checkpoint: str | None = None, random_init: str | None = None
         if images is not None:
             with torch.no_grad():
                 x = network_input(images, kind)
-        net = _random(random_init, kind, fc, conv1_padding, x, seed, fc_dim)
+        net = _random(random_init, kind, fc, conv1_padding, x, seed, fc_dim, device)
     net.info["input"] = input
     return net
 
