@@ -15,7 +15,8 @@ COMMANDS = {
     "probe": ("linear_probe.train", "per-layer linear probes on a frozen encoder"),
     "probe-compare": ("linear_probe.compare", "overlay per-layer accuracy of several probe runs"),
     "svm": ("linear_probe.svm", "VOC07 linear SVM benchmark"),
-    "transfer": ("transfer.cli", "fine-tune on PASCAL VOC: transfer cls (classification)"),
+    "transfer": ("transfer.cli", "fine-tune on PASCAL VOC: transfer cls (classification), seg / seg-eval (segmentation)"),
+    "export": ("transfer.export", "export a network for another framework (--format mmseg: backbone. prefix)"),
 }
 
 

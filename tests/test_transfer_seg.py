@@ -254,8 +254,10 @@ def test_seg_eval_over_pngs_by_hand(tmp_path, capsys):
     for (g, p) in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (2, 0), (0, 3), (1, 1), (1, 0), (0, 0)]:
         hist[g, p] += 1
     (tmp_path / "list.txt").write_text("a\nb\n")
-    rc = run_cli("transfer.seg_eval", ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--list",
-                                        str(tmp_path / "list.txt"), "-o", str(tmp_path / "out")])
+    from pretext.cli import main as crosschannel
+
+    rc = crosschannel(["transfer", "seg-eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                       "--list", str(tmp_path / "list.txt"), "-o", str(tmp_path / "out")])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["pred"]
     assert np.array_equal(np.array(res["hist"]), hist) and res["images"] == 2
@@ -441,14 +443,15 @@ def test_end_to_end_sbd_to_voc_three_rows(data, tmp_path):
                                               "checkpoint=" + str(data["ckpt"]), *tiny(out)]))
 
 
-def test_colour_input_trains_the_ab_weights_on_voc_train(data, tmp_path):
+def test_colour_input_rescaled_trains_the_ab_weights_on_voc_train(data, tmp_path):
     out = tmp_path / "run"
     rc = run_cli("transfer.segmentation", ["--voc", str(data["voc"]), "--checkpoint", str(data["ckpt"]),
                                            *flags(tiny(out, train_data="voc", train_split="train", input="color",
-                                                       lr=0.01))])
+                                                       lr=0.01, rescale="true", init_images=3))])
     assert rc == 0
     r = json.loads((out / "colorization" / "results.json").read_text())
     assert r["num_train"] == 3 and r["backbone"]["input_kind"] == "Lab" and r["published_mIoU"] == 35.6
+    assert r["backbone"]["rescale"]["images"] == 3 and len(r["backbone"]["rescale"]["ratios"]) > 0  # the release's
     w = load_checkpoint(out / "colorization" / "checkpoint.pth")["model"]["backbone.conv1.0.weight"]
     assert w.shape[1] == 3 and w[:, 1:].abs().sum() > 0  # ab weights started at zero and learned
 

@@ -64,8 +64,10 @@ def test_export_is_read_by_mmengine_and_the_encoder_equals_the_native_net(mm, tm
 
     write_pretext_checkpoint(tmp_path / "c.pth", model_name)
     out = tmp_path / "backbone_mmseg.pth"
-    assert run_cli("transfer.export", ["--format", "mmseg", "--checkpoint", str(tmp_path / "c.pth"), "--input",
-                                       input_mode, "-o", str(out)]) == 0
+    from pretext.cli import main as crosschannel
+
+    assert crosschannel(["export", "--format", "mmseg", "--checkpoint", str(tmp_path / "c.pth"), "--input", input_mode,
+                         "-o", str(out)]) == 0
     raw = torch.load(out, weights_only=True)  # plain tensors and containers: torch's default loader reads it
     assert raw["state_dict"] and all(k.startswith("backbone.") for k in raw["state_dict"])
     native = S.fcn_backbone(str(tmp_path / "c.pth"), input=input_mode, rescale=False).eval()

@@ -13,6 +13,8 @@ import sys
 # task -> (module with get_args_parser() and main(args), one-line help)
 TASKS = {
     "cls": ("transfer.classification", "fine-tune on VOC classification (Zhang et al. Table 2, classification)"),
+    "seg": ("transfer.segmentation", "FCN-32s on VOC segmentation (Zhang et al. Table 2, segmentation; --engine mmseg)"),
+    "seg-eval": ("transfer.seg_eval", "score segmentation PNGs against VOC masks (mean IoU as FCN's score.py)"),
 }
 
 

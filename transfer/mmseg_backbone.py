@@ -4,7 +4,7 @@
 * ``CrossChannelEncoder`` (MODELS): the transfer backbone as an mmseg backbone. It takes what ``SegDataPreProcessor``
   gives with ``mean=0, std=255, bgr_to_rgb=True`` (RGB in [0, 1]), converts it to the network input (L or Lab,
   ``TransferNet.prepare``) and returns a tuple holding its last feature map. Built from a ``spec``
-  (``transfer.export.backbone_spec``); ``checkpoint`` (an export with ``backbone.`` keys) is loaded strictly in
+  (``transfer.export.backbone_spec``; default: the one in ``checkpoint``'s metadata); ``checkpoint`` (an export with ``backbone.`` keys) is loaded strictly in
   ``init_weights``, naming missing and unexpected keys; ``dropout`` is drop6 / drop7's. Its state-dict keys are
   the TransferNet's.
 * ``FCNCropHead`` (MODELS): FCN-32s's head: ``conv_seg`` is the 1x1 score layer (zero init, as Caffe's default
@@ -55,8 +55,12 @@ CheckpointLoader.register_scheme(prefixes=RUN_SCHEME, force=True)(load_own_check
 class CrossChannelEncoder(BaseModule):
     """A crosschannel transfer backbone as an mmseg backbone: RGB in [0, 1] -> ``(features,)``."""
 
-    def __init__(self, spec: dict, checkpoint: str | None = None, dropout: float = 0.5, init_cfg=None):
+    def __init__(self, spec: dict | None = None, checkpoint: str | None = None, dropout: float = 0.5, init_cfg=None):
         super().__init__(init_cfg)
+        if spec is None:
+            if not checkpoint:
+                raise UserError("CrossChannelEncoder needs a spec or an exported checkpoint (crosschannel export)")
+            spec = load_export(checkpoint)["meta"]["crosschannel"]["spec"]
         net = skeleton(spec)
         for m in net.modules():
             if isinstance(m, torch.nn.Dropout):

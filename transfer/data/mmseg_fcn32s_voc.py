@@ -19,7 +19,7 @@ data_preprocessor = dict(type="SegDataPreProcessor", mean=[0.0, 0.0, 0.0], std=[
 model = dict(
     type="EncoderDecoder",
     data_preprocessor=data_preprocessor,
-    # spec: `crosschannel export --format mmseg` writes it in meta.crosschannel.spec (transfer.export.backbone_spec)
+    # checkpoint: `crosschannel export --format mmseg -o backbone_mmseg.pth`; spec None: the one in its metadata
     backbone=dict(type="CrossChannelEncoder", spec=None, checkpoint="backbone_mmseg.pth", dropout=0.5),
     decode_head=dict(
         type="FCNCropHead", in_channels=4096, channels=4096, num_classes=21,
