@@ -4,9 +4,9 @@
 * ``CrossChannelEncoder`` (MODELS): the transfer backbone as an mmseg backbone. It takes what ``SegDataPreProcessor``
   gives with ``mean=0, std=255, bgr_to_rgb=True`` (RGB in [0, 1]), converts it to the network input (L or Lab,
   ``TransferNet.prepare``) and returns a tuple holding its last feature map. Built from a ``spec``
-  (``transfer.export.backbone_spec``; default: the one in ``checkpoint``'s metadata); ``checkpoint`` (an export with ``backbone.`` keys) is loaded strictly in
-  ``init_weights``, naming missing and unexpected keys; ``dropout`` is drop6 / drop7's. Its state-dict keys are
-  the TransferNet's.
+  (``transfer.export.backbone_spec``; default: the one in ``checkpoint``'s metadata); ``checkpoint`` (an export with
+  ``backbone.`` keys) is loaded strictly in ``init_weights``, naming missing and unexpected keys; ``dropout`` is
+  drop6 / drop7's. Its state-dict keys are the TransferNet's.
 * ``FCNCropHead`` (MODELS): FCN-32s's head: ``conv_seg`` is the 1x1 score layer (zero init, as Caffe's default
   filler), then the frozen bilinear upsampling cropped to the input (``transfer.segmentation.BilinearUpsample``),
   so that mmseg's resize to the label size is the identity.

@@ -146,8 +146,12 @@ def build_config(cfg, run_dir: Path, export: Path, spec: dict, data, head_geomet
     mc.custom_hooks = [dict(type="StopOnSignalHook", accumulative_counts=local)]
     mc.optim_wrapper.update(accumulative_counts=local,
                             type="AmpOptimWrapper" if device_type == "cuda" and cfg.amp != "none" else "OptimWrapper")
-    if mc.optim_wrapper.type == "AmpOptimWrapper":
-        mc.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.amp, None)
+    if mc.optim_wrapper.type == "AmpOptimWrapper":  # the native engine's choice (pretext.runtime.autocast_dtype)
+        import torch
+
+        from pretext.runtime import autocast_dtype
+
+        mc.optim_wrapper.dtype = str(autocast_dtype(cfg.amp, torch.device("cuda"))).removeprefix("torch.")
     mc.optim_wrapper.optimizer.update(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     mc.optim_wrapper.paramwise_cfg = dict(bias_lr_mult=cfg.bias_lr_mult,
                                           bias_decay_mult=1.0 if cfg.bias_decay else 0.0)
@@ -190,7 +194,7 @@ def run_mmseg(cfg, row: str, run_dir: Path, resume: str | None, data, dist_info,
     from . import mmseg_backbone as mb
     from .export import backbone_spec, mmseg_state
     from .seg_eval import published_mIoU, scores
-    from .segmentation import FCN, GUARDED, PUBLISHED_METHOD, build_model, init_batch, write_run_outputs
+    from .segmentation import GUARDED, PUBLISHED_METHOD, build_model, init_batch, upsample_geometry, write_run_outputs
 
     train_ds, val_ds, notes = data
     work = (run_dir / "mmseg").resolve()
@@ -217,14 +221,14 @@ def run_mmseg(cfg, row: str, run_dir: Path, resume: str | None, data, dist_info,
         if dist_info.is_main:
             save_checkpoint(mmseg_state(model.backbone), export)
         info = dict(model.backbone.info)
-        spec, geometry = backbone_spec(model.backbone), (model.upscore.stride, model.upscore.kernel, model.upscore.offset)
+        spec = backbone_spec(model.backbone)
+        geometry = (model.upscore.stride, model.upscore.kernel, model.upscore.offset)
         del model
     else:
         from .export import load_export, skeleton
 
         spec = load_export(export)["meta"]["crosschannel"]["spec"]
-        geometry = (lambda m: (m.upscore.stride, m.upscore.kernel, m.upscore.offset))(
-            FCN(skeleton(spec), kernel=cfg.upsample_kernel, offset=cfg.crop_offset))
+        geometry = upsample_geometry(skeleton(spec), cfg.upsample_kernel, cfg.crop_offset)
     if dist_info.is_main:
         save_checkpoint({"config": config_to_dict(cfg), "backbone_info": info, "row": row, "iter": 0}, state_file)
     barrier()

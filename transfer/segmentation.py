@@ -37,7 +37,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -266,7 +265,8 @@ def upsample_geometry(net: TransferNet, kernel: int = 0, offset: int = -1) -> tu
     if offset < 0:
         offset = math.floor((kernel - 1) / 2 - coord_offset(net) + 0.5)
         if offset < 0:
-            raise UserError(f"{net.arch}: derived crop offset {offset} < 0; set crop_offset or a larger upsample_kernel")
+            raise UserError(f"{net.arch}: derived crop offset {offset} < 0; set crop_offset or a larger "
+                            "upsample_kernel")
     return s, kernel, offset
 
 
@@ -328,7 +328,8 @@ def read_sbd_mask(mat_path: str | Path, image_size: tuple[int, int] | None = Non
     if arr.ndim != 2:
         raise UserError(f"{mat_path}: GTcls.Segmentation has shape {arr.shape}, expected (H, W)")
     if image_size is not None and (arr.shape[1], arr.shape[0]) != tuple(image_size):
-        raise UserError(f"{mat_path}: mask is {arr.shape[1]}x{arr.shape[0]}, its image is {image_size[0]}x{image_size[1]}")
+        raise UserError(f"{mat_path}: mask is {arr.shape[1]}x{arr.shape[0]}, its image is "
+                        f"{image_size[0]}x{image_size[1]}")
     bad = np.unique(arr[((arr < 0) | (arr >= num_classes)) & (arr != VOID)])
     if bad.size:
         raise UserError(f"{mat_path}: class indices {bad[:5].tolist()} outside 0..{num_classes - 1} and {VOID}")
@@ -345,7 +346,8 @@ def find_sbd_root(path: str | Path) -> Path:
 
 
 def sbd_samples(root: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, .mat) pairs of SBD ``<split>.txt`` (or a list file); one-line errors for a missing list, image or mask."""
+    """(image, .mat) pairs of SBD ``<split>.txt`` (or a list file); one-line errors for a missing list, image or
+    mask."""
     root = find_sbd_root(root)
     ids = read_ids(Path(split) if Path(split).is_file() else root / f"{split}.txt")
     out = []
@@ -409,7 +411,8 @@ class SegmentationData(torch.utils.data.Dataset):
         except UnreadableImage as e:
             return *self._stand_in(), i, f"unreadable: {e}"
         try:
-            mask = (read_sbd_mask(mask_path, img.size) if mask_path.suffix == ".mat" else read_mask(mask_path, img.size))
+            read = read_sbd_mask if mask_path.suffix == ".mat" else read_mask
+            mask = read(mask_path, img.size)
         except UserError as e:
             return *self._stand_in(), i, f"mask: {e}"
         return pil_to_tensor(img), torch.from_numpy(mask.astype(np.int64)), i, ""
@@ -527,7 +530,8 @@ def build_optimizer(model: nn.Module, cfg: SegConfig) -> torch.optim.SGD:
         if p.requires_grad:
             (biases if n.endswith("bias") else weights).append(p)
     groups = [{"params": weights, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
-              {"params": biases, "lr_mult": cfg.bias_lr_mult, "weight_decay": cfg.weight_decay if cfg.bias_decay else 0.0}]
+              {"params": biases, "lr_mult": cfg.bias_lr_mult,
+               "weight_decay": cfg.weight_decay if cfg.bias_decay else 0.0}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
 
 
@@ -549,7 +553,6 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg: SegConfig, state: dic
     net = _unwrap(model).backbone
     local = cfg.iter_size // world
     window_t, window_n = time.time(), 0
-    fault = int(os.environ.get("CROSSCHANNEL_FAULT_AT_STEP", "0"))  # crash injection for the resume test
     stream = iter(loader)
     while state["iter"] < ctx["stop_at"]:
         it = state["iter"]
@@ -559,7 +562,7 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg: SegConfig, state: dic
         optimizer.zero_grad(set_to_none=True)
         loss_sum, error = 0.0, ""
         for j in range(local):
-            rgb, mask, idx, err = next(stream)
+            rgb, mask, _, err = next(stream)
             err = err[0]
             if err.startswith("mask: "):
                 error = error or err[len("mask: "):]
@@ -606,8 +609,6 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg: SegConfig, state: dic
             return False
         if it % cfg.checkpoint_every == 0 or it == cfg.max_iter:
             state["save"](it)
-        if fault and it == fault:
-            os.kill(os.getpid(), signal.SIGKILL)
     return True
 
 
@@ -695,7 +696,8 @@ def run_one(cfg: SegConfig, row: str, run_dir: Path, resume: str | None, data, d
         model = model.to(memory_format=torch.channels_last)
     raw = model
     if dist_info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     log.info("%s: %s; FCN upsampling x%d (kernel %d, crop offset %d)", run_dir.name, describe(backbone),
              raw.upscore.stride, raw.upscore.kernel, raw.upscore.offset)
 
