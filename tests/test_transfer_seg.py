@@ -341,6 +341,14 @@ def test_voc_lists_and_bad_masks(tmp_path):
     assert err.startswith("mask: ") and "2011_000002.png: mask is 5x5, its image is 48x40" in err
     assert (mask == VOID).all() and rgb.shape == (3, 64, 64)  # the stand-in keeps the processes in step
     assert ds[0][3] == "" and ds[0][0].shape == (3, 40, 48) and ds[0][1].dtype == torch.int64
+    # VOC2012 train_aug: its list in ImageSets/Segmentation, its masks in SegmentationClassAug/
+    (voc / "SegmentationClassAug").mkdir()
+    _png(voc / "SegmentationClassAug" / "2011_000001.png", np.ones((40, 48)))
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2011_000001\n")
+    cfg = load_config(S.SegConfig, None, [f"voc={voc}", "train_data=voc", "train_split=train_aug", "checkpoint=c"])
+    pairs, _ = S.voc_samples(voc, cfg.train_split, S.train_masks_dir(cfg))
+    assert [m.parent.name for _, m in pairs] == ["SegmentationClassAug"]
+    assert (S.SegmentationData(pairs)[0][1] == 1).all()
 
 
 def test_draw_stream_is_split_over_processes_and_resumable():
@@ -415,7 +423,7 @@ def test_end_to_end_sbd_to_voc_three_rows(data, tmp_path):
     out = tmp_path / "run"
     rc = run_cli("transfer.segmentation", ["--sbd", str(data["sbd"]), "--voc", str(data["voc"]), "--checkpoint",
                                            str(data["ckpt"]), *flags(tiny(out, rows="colorization,random,supervised",
-                                           supervised=f"alexnet:{data['alexnet']}", eval_every=1))])
+                                           supervised=f"alexnet:{data['alexnet']}", eval_every=1, tensorboard="true"))])
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["runs"]) == {"colorization", "random", "supervised"}
@@ -426,6 +434,7 @@ def test_end_to_end_sbd_to_voc_three_rows(data, tmp_path):
         assert r["iterations"] == 2 and r["images"] == 6 and r["num_train"] == 6 and r["engine"] == "native"
         assert r["mIoU"] == pytest.approx(E.scores(np.array(r["hist"]))["mIoU"])
         assert (d / "predictions.png").is_file() and (d / "iou_per_class.png").is_file()
+        assert list((d / "tensorboard").glob("events.out.tfevents.*"))
         recs = [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
         assert [x["iter"] for x in recs if x["kind"] == "train"] == [1, 2]
         assert [x["iter"] for x in recs if x["kind"] == "eval"] == [1, 2]
