@@ -21,6 +21,8 @@ from test_voc import write_vocdevkit
 
 from pretext.runtime import RunLock, UserError, load_checkpoint, load_config, run_entry
 from transfer import seg_eval as E
+from transfer import fcn as FC
+from transfer import seg_data as D
 from transfer import segmentation as S
 from transfer.backbone import alexnet_transfer_net, vgg16_transfer_net
 from transfer.voc import VOC_CLASSES, VOID, voc_palette
@@ -110,27 +112,27 @@ def _upsample_filt(size):
 
 @pytest.mark.parametrize("size", [4, 16, 63, 64])
 def test_bilinear_kernel_is_surgery_upsample_filt(size):
-    np.testing.assert_allclose(S.bilinear_kernel(size).numpy(), _upsample_filt(size), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(FC.bilinear_kernel(size).numpy(), _upsample_filt(size), rtol=0, atol=1e-7)
 
 
 def test_crop_offsets_are_the_released_prototxts():
     # voc-fcn-alexnet/train.prototxt: upscore kernel 63 stride 32, crop offset 18 (conv1 pad 100, CaffeNet geometry)
     alex = alexnet_transfer_net("alexnet_cc", "L", "conv", 8, 100)
-    assert S.coord_offset(alex) == 13.0 and S.upsample_geometry(alex) == (32, 63, 18)
+    assert FC.coord_offset(alex) == 13.0 and FC.upsample_geometry(alex) == (32, 63, 18)
     # voc-fcn32s/train.prototxt: upscore kernel 64 stride 32, crop offset 19 (VGG-16, conv1_1 pad 100)
     vgg = vgg16_transfer_net("rgb", "conv", 8, 100)
-    assert S.coord_offset(vgg) == 12.5 and S.upsample_geometry(vgg) == (32, 64, 19)
+    assert FC.coord_offset(vgg) == 12.5 and FC.upsample_geometry(vgg) == (32, 64, 19)
     # torchvision's AlexNet (64 channels, conv1 padding replaced by 100): the same geometry, the same crop
-    assert S.upsample_geometry(alexnet_transfer_net("alexnet", "rgb", "conv", 8, 100)) == (32, 63, 18)
+    assert FC.upsample_geometry(alexnet_transfer_net("alexnet", "rgb", "conv", 8, 100)) == (32, 63, 18)
     # without the padding the output cannot cover the input: refused, not misaligned
     with pytest.raises(UserError, match="crop offset -82 < 0"):
-        S.upsample_geometry(alexnet_transfer_net("alexnet_cc", "L", "conv", 8, None))
+        FC.upsample_geometry(alexnet_transfer_net("alexnet_cc", "L", "conv", 8, None))
 
 
 def test_upsampling_maps_score_x_to_input_32x_plus_13():
     """A one-hot score at column x, upsampled and cropped, peaks at input column 32 x + 13 (Caffe's coord_map of
     voc-fcn-alexnet) and is the surgery kernel there; the frozen layer has no gradient."""
-    up = S.BilinearUpsample(21, 32, 63, 18)
+    up = FC.BilinearUpsample(21, 32, 63, 18)
     assert not up.weight.requires_grad
     score = torch.zeros(1, 21, 3, 9)
     score[0, 4, 1, 5] = 1.0
@@ -138,7 +140,7 @@ def test_upsampling_maps_score_x_to_input_32x_plus_13():
     assert y.shape == (1, 21, 100, 300)
     r, c = divmod(int(y[0, 4].argmax()), 300)
     assert (r, c) == (32 + 13, 32 * 5 + 13)
-    assert torch.allclose(y[0, 4, r - 31:r + 32, c - 31:c + 32], S.bilinear_kernel(63))
+    assert torch.allclose(y[0, 4, r - 31:r + 32, c - 31:c + 32], FC.bilinear_kernel(63))
     with pytest.raises(ValueError, match="do not cover"):
         up(score, (100, 400))
 
@@ -146,9 +148,9 @@ def test_upsampling_maps_score_x_to_input_32x_plus_13():
 @pytest.mark.parametrize("hw", [(17, 23), (40, 48), (67, 101)])
 def test_fcn_output_is_the_input_size(hw, tmp_path):
     write_pretext_checkpoint(tmp_path / "c.pth")
-    net = S.fcn_backbone(str(tmp_path / "c.pth"), rescale=False)
+    net = FC.fcn_backbone(str(tmp_path / "c.pth"), rescale=False)
     assert net.conv1[0].padding == (100, 100) and net.drop6.p == 0.5
-    fcn = S.FCN(net).eval()
+    fcn = FC.FCN(net).eval()
     assert torch.count_nonzero(fcn.score.weight) == 0 and torch.count_nonzero(fcn.score.bias) == 0  # Caffe's default
     x = net.prepare(torch.rand(1, 3, *hw))
     out = fcn(x)
@@ -160,13 +162,13 @@ def test_fcn_output_is_the_input_size(hw, tmp_path):
 
 def test_zhang_vgg_and_timm_through_the_same_builder(tmp_path):
     write_pretext_checkpoint(tmp_path / "z.pth", "zhang_vgg")
-    fcn = S.FCN(S.fcn_backbone(str(tmp_path / "z.pth"), rescale=False)).eval()
+    fcn = FC.FCN(FC.fcn_backbone(str(tmp_path / "z.pth"), rescale=False)).eval()
     assert (fcn.upscore.stride, fcn.upscore.kernel, fcn.upscore.offset) == (8, 16, 8)
     assert fcn.backbone.conv1[0].padding == (1, 1)  # no fc6: no FCN padding
     with torch.no_grad():
         assert fcn(torch.rand(1, 1, 37, 29) * 100).shape == (1, 21, 37, 29)
     write_pretext_checkpoint(tmp_path / "t.pth", "timm:resnet18")
-    fcn = S.FCN(S.fcn_backbone(str(tmp_path / "t.pth"), rescale=False, input="color")).eval()
+    fcn = FC.FCN(FC.fcn_backbone(str(tmp_path / "t.pth"), rescale=False, input="color")).eval()
     assert (fcn.upscore.stride, fcn.upscore.kernel, fcn.upscore.offset) == (32, 64, 32)
     with torch.no_grad():
         assert fcn(fcn.backbone.prepare(torch.rand(1, 3, 45, 70))).shape == (1, 21, 45, 70)
@@ -179,9 +181,9 @@ def test_loss_is_softmax_normalised_by_valid_pixels():
     logp = torch.log_softmax(logits, 1)[0]
     valid = [(i, j) for i in range(3) for j in range(4) if target[0, i, j] != 255]
     by_hand = -sum(logp[target[0, i, j], i, j] for i, j in valid) / len(valid)
-    loss = S.seg_loss(logits, target)
+    loss = FC.seg_loss(logits, target)
     torch.testing.assert_close(loss, by_hand)
-    void = S.seg_loss(logits, torch.full_like(target, 255))
+    void = FC.seg_loss(logits, torch.full_like(target, 255))
     void.backward()  # Caffe's normaliser is max(1, valid): an all-void image gives 0 and no gradient
     assert void.item() == 0 and torch.count_nonzero(logits.grad) == 0
 
@@ -302,41 +304,41 @@ def test_seg11valid_is_shipped_as_released():
 def test_sbd_reader_and_its_errors(tmp_path):
     m = (np.arange(12).reshape(3, 4) % 21).astype(np.uint8)
     write_sbd_mat(tmp_path / "ok.mat", m)
-    assert np.array_equal(S.read_sbd_mask(tmp_path / "ok.mat", (4, 3)), m)
+    assert np.array_equal(D.read_sbd_mask(tmp_path / "ok.mat", (4, 3)), m)
     from scipy.io import loadmat  # as torchvision's SBDataset reads it
 
     assert np.array_equal(loadmat(str(tmp_path / "ok.mat"))["GTcls"][0]["Segmentation"][0], m)
     with pytest.raises(UserError, match=r"ok.mat: mask is 4x3, its image is 5x3"):
-        S.read_sbd_mask(tmp_path / "ok.mat", (5, 3))
+        D.read_sbd_mask(tmp_path / "ok.mat", (5, 3))
     write_sbd_mat(tmp_path / "bad.mat", np.full((2, 2), 40, np.uint8))
     with pytest.raises(UserError, match=r"bad.mat: class indices \[40\] outside 0..20 and 255"):
-        S.read_sbd_mask(tmp_path / "bad.mat")
+        D.read_sbd_mask(tmp_path / "bad.mat")
     from scipy.io import savemat
 
     savemat(tmp_path / "other.mat", {"x": np.zeros(3)})
     with pytest.raises(UserError, match="other.mat: no GTcls.Segmentation"):
-        S.read_sbd_mask(tmp_path / "other.mat")
+        D.read_sbd_mask(tmp_path / "other.mat")
     with pytest.raises(UserError, match="nope.mat: SBD mask not found"):
-        S.read_sbd_mask(tmp_path / "nope.mat")
+        D.read_sbd_mask(tmp_path / "nope.mat")
     root = sbd_fixture(tmp_path / "s", n=3)
-    assert S.find_sbd_root(tmp_path / "s") == root and len(S.sbd_samples(tmp_path / "s", "train")) == 3
+    assert D.find_sbd_root(tmp_path / "s") == root and len(D.sbd_samples(tmp_path / "s", "train")) == 3
     (root / "cls" / "2008_000001.mat").unlink()
     with pytest.raises(UserError, match=r"cls/2008_000001.mat: SBD mask listed in split 'train' not found"):
-        S.sbd_samples(root, "train")
+        D.sbd_samples(root, "train")
 
 
 def test_voc_lists_and_bad_masks(tmp_path):
     voc = voc_fixture(tmp_path, n=3)
-    pairs, note = S.voc_samples(voc, "val")
+    pairs, note = D.voc_samples(voc, "val")
     assert [p.stem for p, _ in pairs] == ["2011_000000", "2011_000001", "2011_000002"] and note.endswith("val.txt")
-    assert len(S.voc_samples(voc, "all")[0]) == 3
+    assert len(D.voc_samples(voc, "all")[0]) == 3
     with pytest.raises(UserError, match=r"JPEGImages/2007_000033.jpg: image listed in split 'seg11valid' not found"):
-        S.voc_samples(voc, "seg11valid")  # the shipped list, against this VOC folder
+        D.voc_samples(voc, "seg11valid")  # the shipped list, against this VOC folder
     (voc / "SegmentationClass" / "2011_000002.png").unlink()
     with pytest.raises(UserError, match=r"2011_000002.png: mask listed in split 'val' not found"):
-        S.voc_samples(voc, "val")
+        D.voc_samples(voc, "val")
     _png(voc / "SegmentationClass" / "2011_000002.png", np.zeros((5, 5)))  # wrong size
-    ds = S.SegmentationData(S.voc_samples(voc, "val")[0])
+    ds = D.SegmentationData(D.voc_samples(voc, "val")[0])
     rgb, mask, i, err = ds[2]
     assert err.startswith("mask: ") and "2011_000002.png: mask is 5x5, its image is 48x40" in err
     assert (mask == VOID).all() and rgb.shape == (3, 64, 64)  # the stand-in keeps the processes in step
@@ -346,19 +348,19 @@ def test_voc_lists_and_bad_masks(tmp_path):
     _png(voc / "SegmentationClassAug" / "2011_000001.png", np.ones((40, 48)))
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2011_000001\n")
     cfg = load_config(S.SegConfig, None, [f"voc={voc}", "train_data=voc", "train_split=train_aug", "checkpoint=c"])
-    pairs, _ = S.voc_samples(voc, cfg.train_split, S.train_masks_dir(cfg))
+    pairs, _ = D.voc_samples(voc, cfg.train_split, S.train_masks_dir(cfg))
     assert [m.parent.name for _, m in pairs] == ["SegmentationClassAug"]
-    assert (S.SegmentationData(pairs)[0][1] == 1).all()
+    assert (D.SegmentationData(pairs)[0][1] == 1).all()
 
 
 def test_draw_stream_is_split_over_processes_and_resumable():
     n, seed = 7, 3
-    s1 = S.DrawSampler(n, 4, 0, 1, seed, "random")
+    s1 = D.DrawSampler(n, 4, 0, 1, seed, "random")
     s1.set_range(0, 5)
     single = list(s1)
     parts = []
     for r in range(2):
-        s = S.DrawSampler(n, 4, r, 2, seed, "random")
+        s = D.DrawSampler(n, 4, r, 2, seed, "random")
         s.set_range(0, 5)
         parts.append(list(s))
     merged = [parts[j % 2][(it * 2) + j // 2] for it in range(5) for j in range(4)]
@@ -366,7 +368,7 @@ def test_draw_stream_is_split_over_processes_and_resumable():
     s1.set_range(3, 5)
     assert list(s1) == single[12:]  # resuming at update 3 draws what an uninterrupted run draws
     assert len(set(single)) < len(single)  # with replacement (20 draws of 7 images)
-    e = S.DrawSampler(n, 7, 0, 1, seed, "epoch")
+    e = D.DrawSampler(n, 7, 0, 1, seed, "epoch")
     e.set_range(0, 2)
     draws = list(e)
     assert sorted(draws[:7]) == list(range(7)) and sorted(draws[7:]) == list(range(7)) and draws[:7] != draws[7:]
@@ -443,7 +445,7 @@ def test_end_to_end_sbd_to_voc_three_rows(data, tmp_path):
         assert np.array_equal(hist, np.array(r["hist"])) and len(ids) == 6
         ck = load_checkpoint(d / "checkpoint.pth")
         assert ck["iter"] == 2 and ck["spec"]["conv1_padding"] == 100
-        assert torch.equal(ck["model"]["upscore.weight"][0, 0], S.bilinear_kernel(63))  # frozen
+        assert torch.equal(ck["model"]["upscore.weight"][0, 0], FC.bilinear_kernel(63))  # frozen
     assert summary["runs"]["supervised"]["backbone"]["input_kind"] == "grey"
     assert summary["runs"]["colorization"]["upsampling"] == {"stride": 32, "kernel": 63, "offset": 18}
     # a finished folder is never overwritten; --resume keeps finished rows

@@ -14,6 +14,7 @@ from test_transfer_backbone import write_pretext_checkpoint
 from test_transfer_seg import flags, run_cli, sbd_fixture, tiny, voc_fixture
 
 from pretext.runtime import UserError, load_checkpoint, load_config
+from transfer import fcn as FC
 from transfer import segmentation as S
 
 HAVE_MMSEG = all(importlib.util.find_spec(m) is not None for m in ("mmseg", "mmengine", "mmcv"))
@@ -70,7 +71,7 @@ def test_export_is_read_by_mmengine_and_the_encoder_equals_the_native_net(mm, tm
                          "-o", str(out)]) == 0
     raw = torch.load(out, weights_only=True)  # plain tensors and containers: torch's default loader reads it
     assert raw["state_dict"] and all(k.startswith("backbone.") for k in raw["state_dict"])
-    native = S.fcn_backbone(str(tmp_path / "c.pth"), input=input_mode, rescale=False).eval()
+    native = FC.fcn_backbone(str(tmp_path / "c.pth"), input=input_mode, rescale=False).eval()
     stripped = _load_checkpoint_with_prefix("backbone.", str(out))  # mmengine's Pretrained(prefix=...) path
     assert set(stripped) == set(native.state_dict())
     assert all(torch.equal(stripped[k], v) for k, v in native.state_dict().items())

@@ -72,7 +72,7 @@ def skeleton(spec: dict) -> TransferNet:
         raise UserError(f"cannot rebuild a '{arch}' network from its spec {spec}")
     if net.input_kind != kind:
         raise UserError(f"rebuilt {arch} takes {net.input_kind} input, the spec says {kind}")
-    if spec.get("pool_ceil_mode") is not None:  # FCN rounds pooled sizes up (transfer.segmentation.fcn_backbone)
+    if spec.get("pool_ceil_mode") is not None:  # FCN rounds pooled sizes up (transfer.fcn.fcn_backbone)
         for m in net.modules():
             if isinstance(m, nn.MaxPool2d):
                 m.ceil_mode = bool(spec["pool_ceil_mode"])
@@ -136,7 +136,9 @@ def _from_seg_checkpoint(ckpt: dict, path: str) -> tuple[TransferNet, dict]:
 
 
 def main(args) -> int:
-    from .segmentation import FORMAT as SEG_FORMAT, centre_crops, fcn_backbone
+    from .fcn import fcn_backbone
+    from .seg_data import centre_crops
+    from .segmentation import FORMAT as SEG_FORMAT
 
     out = Path(args.out)
     head, source = None, None

@@ -8,10 +8,10 @@
   ``backbone.`` keys) is loaded strictly in ``init_weights``, naming missing and unexpected keys; ``dropout`` is
   drop6 / drop7's. Its state-dict keys are the TransferNet's.
 * ``FCNCropHead`` (MODELS): FCN-32s's head: ``conv_seg`` is the 1x1 score layer (zero init, as Caffe's default
-  filler), then the frozen bilinear upsampling cropped to the input (``transfer.segmentation.BilinearUpsample``),
+  filler), then the frozen bilinear upsampling cropped to the input (``transfer.fcn.BilinearUpsample``),
   so that mmseg's resize to the label size is the identity.
 * ``LoadCrossChannelImage`` / ``LoadSegMask`` (TRANSFORMS): the native readers (``pretext.data.read_image``;
-  ``transfer.voc.read_mask`` for PNG, ``transfer.segmentation.read_sbd_mask`` for SBD .mat), with their one-line
+  ``transfer.voc.read_mask`` for PNG, ``transfer.seg_data.read_sbd_mask`` for SBD .mat), with their one-line
   errors naming the file.
 * ``DrawSampler`` (DATA_SAMPLERS): the native engine's image stream (random draws with replacement, or shuffled
   passes), infinite, split over the processes as the native engine splits it.
@@ -44,7 +44,8 @@ from pretext.runtime import UserError, any_process  # noqa: E402
 from .export import load_backbone_weights, load_export, skeleton  # noqa: E402
 from .mmseg_engine import RUN_SCHEME, load_own_checkpoint  # noqa: E402
 from .seg_eval import confusion, save_prediction, scores  # noqa: E402
-from .segmentation import BilinearUpsample, read_sbd_mask, sample_index  # noqa: E402
+from .fcn import BilinearUpsample  # noqa: E402
+from .seg_data import read_sbd_mask, sample_index  # noqa: E402
 from .voc import read_mask  # noqa: E402
 
 STOP: dict = {"signal": None}  #: the run's GracefulStop, set by transfer.mmseg_engine.run_mmseg
@@ -137,7 +138,7 @@ class LoadSegMask(BaseTransform):
 
 @DATA_SAMPLERS.register_module()
 class DrawSampler(torch.utils.data.Sampler):
-    """Infinite stream of ``transfer.segmentation.sample_index(draw_seed, pos, n, mode)`` for positions
+    """Infinite stream of ``transfer.seg_data.sample_index(draw_seed, pos, n, mode)`` for positions
     ``rank, rank + world, ...`` (mmengine passes ``dataset`` and its own ``seed``, unused)."""
 
     def __init__(self, dataset, mode: str = "random", draw_seed: int = 0, seed=None):

@@ -1,7 +1,7 @@
 """``crosschannel transfer seg --engine mmseg``: the same FCN-32s run through mmsegmentation (the optional extra
 ``pip install 'crosschannel[seg]'``), for people who benchmark in that ecosystem as mmselfsup does.
 
-What runs: the row's backbone is built natively (``transfer.segmentation.fcn_backbone``: rescaled, conv1 padded),
+What runs: the row's backbone is built natively (``transfer.fcn.fcn_backbone``: rescaled, conv1 padded),
 exported with the ``backbone.`` prefix (``transfer.export``), and trained by an mmengine ``Runner`` from the config
 shipped with the package (``transfer/data/mmseg_fcn32s_voc.py``) with our registered pieces
 (``transfer.mmseg_backbone``): ``CrossChannelEncoder`` (forward returns a tuple), ``FCNCropHead`` (zero-init score,
@@ -194,7 +194,9 @@ def run_mmseg(cfg, row: str, run_dir: Path, resume: str | None, data, dist_info,
     from . import mmseg_backbone as mb
     from .export import backbone_spec, mmseg_state
     from .seg_eval import published_mIoU, scores
-    from .segmentation import GUARDED, PUBLISHED_METHOD, build_model, init_batch, upsample_geometry, write_run_outputs
+    from .fcn import upsample_geometry
+    from .seg_data import init_batch
+    from .segmentation import GUARDED, PUBLISHED_METHOD, build_model, write_run_outputs
 
     train_ds, val_ds, notes = data
     work = (run_dir / "mmseg").resolve()

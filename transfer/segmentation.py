@@ -11,7 +11,8 @@ The protocol is shelhamer/fcn.berkeleyvision.org ``voc-fcn-alexnet`` as richzhan
 * FCN-32s on the transfer backbone: conv1 padded by 100, fc6 a 6x6 (VGG 7x7) and fc7 a 1x1 convolution, dropout 0.5,
   a 1x1 21-way ``score`` layer initialised at zero, x32 upsampling by a transposed convolution initialised bilinear
   and frozen (kernel 63 for AlexNet as voc-fcn-alexnet, 2 x stride otherwise), cropped to the input at the offset of
-  the release's crop layer (18 for AlexNet, 19 for VGG-16; derived here for any trunk by :func:`coord_offset`).
+  the release's crop layer (18 for AlexNet, 19 for VGG-16; derived here for any trunk by ``transfer.fcn.coord_offset``;
+  the model is ``transfer.fcn``, the data ``transfer.seg_data``).
   ``zhang_vgg`` (stride 8) and ``timm:<name>`` encoders go through the same builder with their own strides.
 * Data: SBD ``train`` (``benchmark_RELEASE/dataset``: ``img/*.jpg``, ``cls/*.mat`` read as torchvision's
   ``SBDataset`` reads them) for training; VOC2011 ``SegmentationClass`` over the shipped ``seg11valid`` list (736
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -44,10 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretext.data import UnreadableImage, pil_to_tensor, read_image
 from pretext.runtime import (
     GracefulStop,
     JsonlLogger,
@@ -56,9 +54,9 @@ from pretext.runtime import (
     add_config_args,
     add_resume_arg,
     all_gather_objects,
-    atomic_write_text,
     all_reduce_sum,
     any_process,
+    atomic_write_text,
     autocast_dtype,
     barrier,
     check_resume_config,
@@ -80,18 +78,18 @@ from pretext.runtime import (
     truncate_jsonl,
 )
 
-from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe
+from .backbone import INPUT_MODES, RANDOM_INITS, describe
 from .export import backbone_spec
-from .seg_eval import confusion, plot_iou, plot_predictions, published_mIoU, save_prediction, scores, shipped_list, \
-    write_report
-from .voc import NUM_SEG_CLASSES, VOID, find_voc_root, read_ids, read_mask, segmentation_pairs
+from .fcn import FCN, fcn_backbone, seg_loss
+from .seg_data import DrawSampler, SegmentationData, init_batch, sbd_samples, voc_samples
+from .seg_eval import confusion, plot_iou, plot_predictions, published_mIoU, save_prediction, scores, write_report
+from .voc import NUM_SEG_CLASSES
 
 FORMAT = "crosschannel/transfer-seg-v1"
 ENGINES = ("native", "mmseg")
 ROWS = ("colorization", "random", "supervised")
 PUBLISHED_METHOD = {"colorization": "zhang_alexnet_cc", "supervised": "imagenet_supervised", "random": "gaussian"}
 SAMPLING = ("random", "epoch")
-FCN_PADDING = 100  #: conv1 padding of the FCN nets with fc6/fc7 (voc-fcn-alexnet/net.py, voc-fcn32s/net.py)
 # what makes a resumed run another experiment (check_resume_config refuses changes without --allow-config-change)
 GUARDED = ("engine", "sbd", "voc", "train_data", "train_split", "val_split", "train_masks", "checkpoint", "random_init",
            "supervised", "input", "rescale", "init_images", "fc_dim", "conv1_padding", "upsample_kernel", "crop_offset",
@@ -166,315 +164,11 @@ class SegConfig:
             raise UserError("upsample_kernel must be 0 (auto) or >= 2")
 
 
-# --------------------------------------------------------------------------------------------- FCN geometry
-def bilinear_kernel(size: int) -> torch.Tensor:
-    """(size, size) bilinear interpolation kernel, as fcn.berkeleyvision.org ``surgery.upsample_filt``: factor
-    f = ceil(size / 2), centre f - 1 (odd size) or f - 0.5 (even), value (1 - |i - c| / f)(1 - |j - c| / f)."""
-    f = (size + 1) // 2
-    c = f - 1 if size % 2 == 1 else f - 0.5
-    t = 1 - (torch.arange(size, dtype=torch.float64) - c).abs() / f
-    return (t[:, None] * t[None, :]).float()
-
-
-class BilinearUpsample(nn.Module):
-    """FCN's ``upscore`` + ``crop``: a per-class transposed convolution (kernel ``kernel``, stride ``stride``,
-    no bias) holding the bilinear kernel, frozen (lr_mult 0), then the crop of the input's size at ``offset``."""
-
-    def __init__(self, channels: int, stride: int, kernel: int, offset: int):
-        super().__init__()
-        self.stride, self.kernel, self.offset = stride, kernel, offset
-        self.weight = nn.Parameter(bilinear_kernel(kernel).expand(channels, 1, kernel, kernel).clone(),
-                                   requires_grad=False)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        y = F.conv_transpose2d(x, self.weight.to(x.dtype), stride=self.stride, groups=x.shape[1])
-        h, w = int(size[0]), int(size[1])
-        o = self.offset
-        if y.shape[-2] < o + h or y.shape[-1] < o + w:
-            raise ValueError(f"upsampled scores {tuple(y.shape[-2:])} do not cover the {h}x{w} input at offset {o}: "
-                             "the trunk needs more padding (conv1_padding) for this input size")
-        return y[..., o:o + h, o:o + w]
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, stride={self.stride}, offset={self.offset}, frozen"
-
-
-def _linearised(net: TransferNet) -> nn.Module:
-    """A one-channel copy of ``net``'s stages whose every output is a positive average of its receptive field: each
-    convolution keeps its geometry (kernel, stride, padding, dilation) on one channel with equal weights summing to
-    1 and no bias, BatchNorm becomes the identity, max pools become average pools of the same geometry, dropout is
-    off. Its gradients then spread symmetrically over each receptive field, and it is cheap to run."""
-    probe = nn.Sequential(*[copy.deepcopy(getattr(net, n)) for n in net.stage_names]).float().cpu().eval()
-    for name, m in list(probe.named_modules()):
-        parent = probe.get_submodule(name.rpartition(".")[0]) if "." in name else probe
-        attr = name.rpartition(".")[2]
-        if isinstance(m, nn.Conv2d):
-            try:  # the same class: e.g. timm's Conv2dSame pads in forward
-                one = type(m)(1, 1, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, bias=False)
-            except TypeError:
-                one = nn.Conv2d(1, 1, m.kernel_size, m.stride, m.padding, m.dilation, bias=False)
-            nn.init.constant_(one.weight, 1.0 / one.weight.numel())
-            setattr(parent, attr, one)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            setattr(parent, attr, nn.Identity())
-        elif isinstance(m, nn.MaxPool2d):
-            setattr(parent, attr, nn.AvgPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode))
-    return probe.requires_grad_(False)
-
-
-def coord_offset(net: TransferNet) -> float:
-    """``c`` such that output column ``x`` of ``net`` (its last stage) is centred on input column ``reduction * x + c``
-    (Caffe's ``coord_map``: AlexNet with conv1 padded by 100 gives 13, VGG-16 12.5).
-
-    Measured, so that any trunk works (dilated zhang_vgg, timm): on a linearised copy (:func:`_linearised`), the
-    gradient of one central output with respect to the input is a symmetric bump over its receptive field; its
-    centroid is the centre. Rounded to a half pixel. Trunks with global operations (squeeze-excitation) have no local
-    receptive field: 0 ('same' padding), with a warning."""
-    s = net.reduction(net.stage_names[-1])
-    probe = _linearised(net)
-    h, w = 2 * s + 1, 32 * s
-    while w <= 16384:
-        x = torch.ones(1, 1, h, w, requires_grad=True)
-        try:
-            y = probe(x)
-        except RuntimeError as e:  # too small for a valid convolution (fc6 without padding): a taller, wider strip
-            if "size" not in str(e).lower():
-                raise
-            h, w = 2 * h, 2 * w
-            continue
-        j = y.shape[-1] // 2
-        y[0, :, y.shape[-2] // 2, j].sum().backward()
-        g = x.grad[0, 0].abs().sum(0).double()
-        if g.sum() > 0 and g[0] == 0 and g[-1] == 0:
-            centre = float((g * torch.arange(w, dtype=torch.float64)).sum() / g.sum())
-            return round(2 * (centre - s * j)) / 2
-        w *= 2  # the receptive field reaches the strip's ends
-    # global operations (squeeze-excitation, attention) give every output the whole image as receptive field
-    log.warning("%s: its outputs see the whole image (global pooling or attention); assuming the centred features "
-                "of 'same' padding (output x at input %d * x)", net.arch, s)
-    return 0.0
-
-
-def upsample_geometry(net: TransferNet, kernel: int = 0, offset: int = -1) -> tuple[int, int, int]:
-    """(stride, kernel, crop offset) of the FCN upsampling for ``net``: stride = the trunk's reduction; kernel 63 for
-    AlexNet (voc-fcn-alexnet) and 2 x stride otherwise (voc-fcn32s 64, voc-fcn8s 16); offset = the deconvolution's
-    centre (kernel - 1) / 2 minus :func:`coord_offset`, as ``caffe.coord_map.crop`` derives it (rounded half up)."""
-    s = net.reduction(net.stage_names[-1])
-    if not kernel:
-        kernel = 63 if net.arch.startswith("alexnet") and s == 32 else 2 * s
-    if offset < 0:
-        offset = math.floor((kernel - 1) / 2 - coord_offset(net) + 0.5)
-        if offset < 0:
-            raise UserError(f"{net.arch}: derived crop offset {offset} < 0; set crop_offset or a larger "
-                            "upsample_kernel")
-    return s, kernel, offset
-
-
-class FCN(nn.Module):
-    """FCN-32s (any stride): backbone -> ``score`` (1x1, zero init: Caffe's default filler) -> frozen bilinear
-    upsampling cropped to the input. ``forward`` takes the network input (``backbone.prepare(rgb)``) and returns
-    logits (B, num_classes, H, W)."""
-
-    def __init__(self, backbone: TransferNet, num_classes: int = NUM_SEG_CLASSES, kernel: int = 0, offset: int = -1):
-        super().__init__()
-        self.backbone = backbone
-        stride, kernel, offset = upsample_geometry(backbone, kernel, offset)
-        self.score = nn.Conv2d(backbone.num_features, num_classes, 1)
-        nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
-        self.upscore = BilinearUpsample(num_classes, stride, kernel, offset)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.upscore(self.score(self.backbone(x)), x.shape[-2:])
-
-
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Caffe's ``SoftmaxWithLoss`` with ``ignore_label: 255, normalize: true``: cross-entropy summed over the pixels
-    that are not void, divided by their number (at least 1, so an all-void image gives 0). Computed in float32."""
-    ce = F.cross_entropy(logits.float(), target, ignore_index=VOID, reduction="sum")
-    return ce / (target != VOID).sum().clamp(min=1)
-
-
-def set_conv1_padding(net: TransferNet, padding: int) -> None:
-    """Pad the first convolution (FCN's ``pad: 100``); a no-op for timm trunks, which keep their own stem."""
-    first = getattr(net, net.stage_names[0])
-    if isinstance(first, nn.Sequential) and isinstance(first[0], nn.Conv2d):
-        first[0].padding = (padding, padding)
-        net.info["conv1_padding"] = padding
-    else:
-        log.info("%s: conv1 padding does not apply (its stem is kept as it is)", net.arch)
-
-
 # --------------------------------------------------------------------------------------------- data
-def read_sbd_mask(mat_path: str | Path, image_size: tuple[int, int] | None = None,
-                  num_classes: int = NUM_SEG_CLASSES) -> np.ndarray:
-    """``GTcls.Segmentation`` of an SBD ``cls/<id>.mat`` file as (H, W) uint8 (what torchvision's ``SBDataset`` and
-    fcn's ``SBDDSegDataLayer`` read). One-line errors naming the file: missing, unreadable, no such field, a size
-    other than ``image_size`` (W, H), indices outside 0..num_classes-1 and 255."""
-    mat_path = Path(mat_path)
-    if not mat_path.is_file():
-        raise UserError(f"{mat_path}: SBD mask not found")
-    try:
-        from scipy.io import loadmat
-    except ImportError:  # pragma: no cover - scikit-learn brings scipy
-        raise UserError("reading SBD .mat masks needs scipy: pip install scipy") from None
-    try:
-        mat = loadmat(str(mat_path))
-        arr = np.asarray(mat["GTcls"][0]["Segmentation"][0])
-    except (KeyError, IndexError, ValueError, TypeError):
-        raise UserError(f"{mat_path}: no GTcls.Segmentation in this .mat file (not an SBD cls/ mask)") from None
-    except Exception as e:  # noqa: BLE001 - scipy raises many types for corrupt files
-        raise UserError(f"{mat_path}: unreadable .mat file ({str(e).splitlines()[0][:120]})") from None
-    if arr.ndim != 2:
-        raise UserError(f"{mat_path}: GTcls.Segmentation has shape {arr.shape}, expected (H, W)")
-    if image_size is not None and (arr.shape[1], arr.shape[0]) != tuple(image_size):
-        raise UserError(f"{mat_path}: mask is {arr.shape[1]}x{arr.shape[0]}, its image is "
-                        f"{image_size[0]}x{image_size[1]}")
-    bad = np.unique(arr[((arr < 0) | (arr >= num_classes)) & (arr != VOID)])
-    if bad.size:
-        raise UserError(f"{mat_path}: class indices {bad[:5].tolist()} outside 0..{num_classes - 1} and {VOID}")
-    return arr.astype(np.uint8)
-
-
-def find_sbd_root(path: str | Path) -> Path:
-    """Accept ``benchmark_RELEASE/dataset``, ``benchmark_RELEASE`` or its parent (any folder holding cls/ and img/)."""
-    p = Path(path)
-    for cand in (p, p / "dataset", p / "benchmark_RELEASE" / "dataset"):
-        if (cand / "cls").is_dir() and (cand / "img").is_dir():
-            return cand
-    raise UserError(f"{p}: not an SBD folder (no cls/ and img/ in it, in dataset/ or in benchmark_RELEASE/dataset/)")
-
-
-def sbd_samples(root: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, .mat) pairs of SBD ``<split>.txt`` (or a list file); one-line errors for a missing list, image or
-    mask."""
-    root = find_sbd_root(root)
-    ids = read_ids(Path(split) if Path(split).is_file() else root / f"{split}.txt")
-    out = []
-    for i in ids:
-        img, mat = root / "img" / f"{i}.jpg", root / "cls" / f"{i}.mat"
-        for f, what in ((img, "image"), (mat, "SBD mask")):
-            if not f.is_file():
-                raise UserError(f"{f}: {what} listed in split '{split}' not found")
-        out.append((img, mat))
-    return out
-
-
-def voc_samples(root: str | Path, split: str, masks: str = "SegmentationClass") -> tuple[list[tuple[Path, Path]], str]:
-    """(image, mask) pairs and a note on the list used. ``split``: a list file, ``ImageSets/Segmentation/<split>.txt``,
-    a list shipped with the package (``seg11valid``), or ``all`` (every mask in the masks folder, with a warning)."""
-    root = find_voc_root(root)
-    if split == "all":
-        ids = sorted(p.stem for p in (root / masks).glob("*.png"))
-        if not ids:
-            raise UserError(f"{root / masks}: no masks")
-        note = f"all {len(ids)} masks of {masks}/ (no split file)"
-        log.warning("%s: %s", root, note)
-    else:
-        in_devkit = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-        listed = Path(split) if Path(split).is_file() else in_devkit if in_devkit.is_file() else shipped_list(split)
-        if listed is None:
-            raise UserError(f"{in_devkit}: split file not found (and '{split}' is neither a file nor a shipped list)")
-        ids, note = read_ids(listed), str(listed)
-    return segmentation_pairs(root, split, ids=ids, mask_dir=masks), note
-
-
 def train_masks_dir(cfg: SegConfig) -> str:
     if cfg.train_masks != "auto":
         return cfg.train_masks
     return "SegmentationClassAug" if "aug" in Path(cfg.train_split).stem else "SegmentationClass"
-
-
-class SegmentationData(torch.utils.data.Dataset):
-    """Whole images and their masks. Items: ``(rgb float (3, H, W) in [0, 1], mask int64 (H, W), index, error)``;
-    ``error`` is '' or one line: an unreadable image (``unreadable: ...``; skipped and counted in training) or a bad
-    mask (``mask: ...``; raised in the main process after the update, so that every process stops together). Both
-    come with a stand-in: a black 64 px image whose mask is all void."""
-
-    def __init__(self, samples: list[tuple[Path, Path]]):
-        self.samples = list(samples)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def ids(self) -> list[str]:
-        return [img.stem for img, _ in self.samples]
-
-    @staticmethod
-    def _stand_in() -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(3, 64, 64), torch.full((64, 64), VOID, dtype=torch.int64)
-
-    def __getitem__(self, i: int):
-        img_path, mask_path = self.samples[i]
-        try:
-            img = read_image(img_path)
-        except UnreadableImage as e:
-            return *self._stand_in(), i, f"unreadable: {e}"
-        try:
-            read = read_sbd_mask if mask_path.suffix == ".mat" else read_mask
-            mask = read(mask_path, img.size)
-        except UserError as e:
-            return *self._stand_in(), i, f"mask: {e}"
-        return pil_to_tensor(img), torch.from_numpy(mask.astype(np.int64)), i, ""
-
-
-def sample_index(seed: int, pos: int, n: int, mode: str, cache: dict | None = None) -> int:
-    """Image of global draw ``pos``: ``random`` picks uniformly with replacement from a generator seeded by
-    (seed, pos), as voc_layers.py's ``random.randint`` per forward; ``epoch`` walks a permutation per pass seeded by
-    (seed, pass). A function of ``pos`` alone, so a resumed or multi-process run draws the same images."""
-    if mode == "random":
-        return int(np.random.default_rng([seed, pos]).integers(n))
-    e, k = divmod(pos, n)
-    if cache is None or cache.get("epoch") != e:
-        perm = np.random.default_rng([seed, 1 << 20, e]).permutation(n)
-        if cache is None:
-            return int(perm[k])
-        cache.update(epoch=e, perm=perm)
-    return int(cache["perm"][k])
-
-
-class DrawSampler(torch.utils.data.Sampler):
-    """The images of updates ``[start, stop)`` this process sees: update ``it`` draws positions
-    ``it * iter_size + j`` (j < iter_size); process ``rank`` takes the j with ``j % world == rank``."""
-
-    def __init__(self, n: int, iter_size: int, rank: int, world: int, seed: int, mode: str):
-        self.n, self.iter_size, self.rank, self.world, self.seed, self.mode = n, iter_size, rank, world, seed, mode
-        self.start = self.stop = 0
-
-    def set_range(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * (self.iter_size // self.world)
-
-    def __iter__(self):
-        cache: dict = {}
-        for it in range(self.start, self.stop):
-            for j in range(self.rank, self.iter_size, self.world):
-                yield sample_index(self.seed, it * self.iter_size + j, self.n, self.mode, cache)
-
-
-def centre_crops(rgbs, size: int = 227) -> torch.Tensor:
-    """RGB images (3, H, W) -> (N, 3, size, size): each centre-cropped square and resized (antialiased); the batch of
-    the rescaling / data-dependent init (the release rescaled the 227 px classification-geometry network)."""
-    out = []
-    for rgb in rgbs:
-        h, w = rgb.shape[1:]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        crop = rgb[:, top:top + side, left:left + side].unsqueeze(0)
-        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
-    if not out:
-        raise UserError("no readable image for the rescaling / data-dependent init")
-    return torch.stack(out)
-
-
-def init_batch(ds: SegmentationData, n: int, seed: int) -> torch.Tensor | None:
-    """``n`` training images (a seeded draw, unreadable ones left out) as :func:`centre_crops`."""
-    if n == 0:
-        return None
-    order = np.random.default_rng([seed, 7]).permutation(len(ds))[: min(n, len(ds))]
-    return centre_crops(item[0] for item in (ds[int(k)] for k in order) if not item[3])
 
 
 def get_datasets(cfg: SegConfig) -> tuple[SegmentationData, SegmentationData, dict]:
@@ -492,26 +186,6 @@ def get_datasets(cfg: SegConfig) -> tuple[SegmentationData, SegmentationData, di
 
 
 # --------------------------------------------------------------------------------------------- model, optimiser
-def fcn_backbone(checkpoint: str | None = None, random_init: str | None = None, supervised: str | None = None, *,
-                 input: str = "gray", images: torch.Tensor | None = None, rescale: bool = True, seed: int = 0,
-                 fc_dim: int = 4096, conv1_padding: int = -1, dropout: float = 0.5) -> TransferNet:
-    """The transfer backbone for FCN: built (rescaled / initialised on ``images``) in its classification geometry,
-    as the release rescaled it, then conv1 padded (``-1``: 100 for nets with fc6/fc7) and dropout set."""
-    backbone = build_backbone(checkpoint, random_init, supervised, input=input, fc="conv", images=images,
-                              rescale=rescale, seed=seed, fc_dim=fc_dim)
-    pad = conv1_padding if conv1_padding >= 0 else (FCN_PADDING if backbone.has_fc else -1)
-    if pad >= 0:
-        set_conv1_padding(backbone, pad)
-    for m in backbone.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = dropout
-        # Caffe rounds pooled sizes up; FCN's 100 px padding covers the input only with that rounding (torchvision's
-        # AlexNet / VGG-16 round down: same coordinate map, one output row and column fewer at the far border)
-        if isinstance(m, nn.MaxPool2d) and backbone.arch in ("alexnet", "vgg16"):
-            m.ceil_mode = True
-    return backbone
-
-
 def build_model(cfg: SegConfig, row: str, images: torch.Tensor | None, resume: bool) -> FCN:
     """The row's FCN (no rescaling or data-dependent init when resuming: the checkpoint brings the weights)."""
     src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
