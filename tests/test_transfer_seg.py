@@ -553,7 +553,7 @@ def test_ddp_two_processes_equal_one(data, tmp_path):
     sets = dict(dropout=0.0, max_iter=2)
     one = subprocess.run(base + flags(tiny(tmp_path / "one", **sets)), env=_subprocess_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "transfer.segmentation"] + base[3:] + flags(tiny(tmp_path / "two", **sets)),
                          env=_subprocess_env(), capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
