@@ -17,7 +17,8 @@ COMMANDS = {
     "svm": ("linear_probe.svm", "VOC07 linear SVM benchmark"),
     "turing-test": ("pretext.turing", "serve the colorization Turing test (real vs fake, in the browser)"),
     "turing-report": ("pretext.turing_report", "fooling rate per algorithm from a turing-test database"),
-    "transfer": ("transfer.cli", "fine-tune on PASCAL VOC: transfer cls (classification)"),
+    "transfer": ("transfer.cli", "fine-tune on PASCAL VOC: transfer cls | det | det-eval | seg | seg-eval"),
+    "export": ("transfer.export", "export a network for another framework (--format mmseg: backbone. prefix)"),
 }
 
 

@@ -427,7 +427,17 @@ def _from_checkpoint(path: str, fc: str, conv1_padding: int | None) -> TransferN
         model = model_from_checkpoint(ckpt)
     except (RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"{path}: cannot rebuild {name} ({str(e).splitlines()[0][:300]})") from None
-    what = f"{path} ({name})"
+    net = transfer_net_from_model(model, name, fc, conv1_padding, f"{path} ({name})")
+    net.info.update(source="checkpoint", path=str(path), model_name=name, model_kwargs=ckpt.get("model_kwargs") or {},
+                    step=ckpt.get("step"))
+    return net
+
+
+def transfer_net_from_model(model: nn.Module, name: str, fc: str = "conv", conv1_padding: int | None = None,
+                            what: str = "") -> TransferNet:
+    """The transfer network of a pretext model ``name`` (``pretext.models.create_model``'s name), as a checkpoint
+    gives it (also used to rebuild an exported network's structure before its weights are loaded)."""
+    what = what or name
     if name == "alexnet_cc":
         net = _alexnet_cc_to_transfer(model, fc, conv1_padding, what)
     elif name == "zhang_vgg":
@@ -443,10 +453,9 @@ def _from_checkpoint(path: str, fc: str, conv1_padding: int | None) -> TransferN
         net = TransferNet(name, "L", [("encoder", _TimmTrunk(enc))], {"encoder": last["reduction"]},
                           {"encoder": last["num_chs"]})
     else:
-        raise UserError(f"{path}: no transfer network for model '{name}' (alexnet_cc, zhang_vgg, timm:<name>)")
+        raise UserError(f"{what}: no transfer network for model '{name}' (alexnet_cc, zhang_vgg, timm:<name>)")
     if fc == "linear" and not net.has_fc:
         log.info("%s has no fc6/fc7: fc='linear' does not apply", name)
-    net.info.update(source="checkpoint", path=str(path), model_name=name, step=ckpt.get("step"))
     return net
 
 

@@ -15,6 +15,8 @@ TASKS = {
     "cls": ("transfer.classification", "fine-tune on VOC classification (Zhang et al. Table 2, classification)"),
     "det": ("transfer.detection", "fine-tune a Fast R-CNN detector on VOC (Zhang et al. Table 2, detection)"),
     "det-eval": ("transfer.det_eval", "score VOC devkit detection results files (py-faster-rcnn voc_eval; COCO AP)"),
+    "seg": ("transfer.segmentation", "FCN-32s on VOC segmentation (Zhang et al. Table 2, segmentation; --engine mmseg)"),
+    "seg-eval": ("transfer.seg_eval", "score segmentation PNGs against VOC masks (mean IoU as FCN's score.py)"),
 }
 
 

@@ -351,15 +351,17 @@ def read_mask(png_path: str | Path, image_size: tuple[int, int] | None = None,
     return arr.astype(np.uint8)
 
 
-def segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, mask) paths of ``ImageSets/Segmentation/<split>.txt``; one-line errors for a missing split file,
-    image or mask."""
+def segmentation_pairs(root: str | Path, split: str, ids: list[str] | None = None,
+                       mask_dir: str = "SegmentationClass") -> list[tuple[Path, Path]]:
+    """(image, mask) paths of ``ImageSets/Segmentation/<split>.txt`` (or of ``ids``, e.g. from another list file;
+    ``mask_dir``: e.g. ``SegmentationClassAug`` for train_aug); one-line errors for a missing split file, image or
+    mask."""
     root = find_voc_root(root)
-    ids = read_split(root, split, "Segmentation")
+    ids = read_split(root, split, "Segmentation") if ids is None else ids
     imgs = image_paths(root, ids, split)
     out = []
     for i, img in zip(ids, imgs):
-        m = root / "SegmentationClass" / f"{i}.png"
+        m = root / mask_dir / f"{i}.png"
         if not m.is_file():
             raise UserError(f"{m}: mask listed in split '{split}' not found")
         out.append((img, m))
