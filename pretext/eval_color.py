@@ -104,7 +104,7 @@ def _decode_random_ab(candidates, eval_size: int = 0):
     """ab (2, H, W) of the first readable image among ``candidates`` (the random baseline's training image)."""
     for p in candidates:
         try:
-            img = read_image(p)
+            img = read_image(p, min_size=eval_size)  # decoded as the test images are
         except UnreadableImage:
             continue
         if eval_size and min(img.size) > eval_size:

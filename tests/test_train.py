@@ -123,7 +123,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, sample_dir):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path, sample_dir):
     data = _colour_images(sample_dir, 8, tmp_path / "data")
-    common = [f"data={data}", "max_steps=3", "checkpoint_every=100", *TINY, "model_kwargs.norm=none"]
+    # SGD, not Adam: Adam's first steps are ~lr x sign(gradient), which turns the float noise of a near-zero gradient
+    # element (summed in another order across processes) into a full step (see test_gradient_accumulation...)
+    common = [f"data={data}", "max_steps=3", "checkpoint_every=100", *TINY, "model_kwargs.norm=none", "optimizer=sgd"]
     _train(common + ["batch_size=4", f"out_dir={tmp_path / 'one'}"])
     _train(common + ["batch_size=2", f"out_dir={tmp_path / 'two'}"], nproc=2)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
@@ -133,9 +135,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path, sample_dir):
     from pretext.models import create_model
     from pretext.runtime import seed_everything
 
-    seed_everything(0)  # the trainer's initialisation: training must have moved the weights
+    seed_everything(0)  # the trainer's initialisation: the weights moved by far more than the tolerance
     init = create_model("alexnet_cc", out_dim=313, fc_dim=32, norm="none").state_dict()
-    assert any(not torch.allclose(a[k], init[k]) for k in a)
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
 
 
 @pytest.mark.parametrize("model,kwargs,loss,points", [

@@ -170,7 +170,7 @@ def test_freeze_levels_and_bad_settings(tmp_path):
 
 
 def test_config_files_load():
-    for f in sorted((REPO / "configs" / "transfer").glob("*.yaml")):
+    for f in sorted((REPO / "configs" / "transfer").glob("voc07_cls_*.yaml")):
         cfg = load_config(C.ClsConfig, f)
         assert (cfg.lr, cfg.batch_size, cfg.max_iter, cfg.weight_decay, cfg.grad_clip) == (1e-3, 16, 80_000, 1e-6, 10.0)
         assert (cfg.eval_passes, cfg.crop, cfg.min_scale, cfg.max_scale) == (10, 227, 0.5, 2.0) and cfg.out_dir.endswith(f.stem)
