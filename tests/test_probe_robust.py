@@ -190,6 +190,102 @@ def test_corrupt_validation_image_skipped_and_true_count(tmp_path, cache):
     assert all(abs(t["top1"] * 8 / 100 - round(t["top1"] * 8 / 100)) < 1e-9 for t in res["taps"])
 
 
+# --------------------------------------------------------------------------------------------- svm
+def svm_devkit(base: Path, n: int = 24) -> Path:
+    from test_svm import write_devkit
+
+    names = ("cat", "dog", "person")
+    imgs = {f"{i:06d}": [(names[i % 3], "0")] for i in range(n)}
+    ids = sorted(imgs)
+    return write_devkit(base, imgs, {"trainval": ids[: n // 2], "test": ids[n // 2:]})
+
+
+def svm_argv(voc, out, *extra):
+    from test_svm import TINY as SVM_TINY
+
+    return [*SVM_TINY, "--set", f"data={voc}", "--set", "classes=[cat,dog,person]", "--set", "costs=[0.1,1.0]",
+            "--set", "n_jobs=1", "--set", f"out_dir={out}", *extra]
+
+
+def test_svm_corrupt_jpegs_with_workers_skipped_named_once_and_counted(tmp_path):
+    """The CLI with 2 loader workers: a truncated JPEG in trainval and a text file named .jpg in test are skipped
+    with one warning each naming the file, counted in results.json, and the run finishes (exit 0)."""
+    voc = svm_devkit(tmp_path / "voc")
+    jpg = voc / "VOC2007" / "JPEGImages"
+    data = (jpg / "000004.jpg").read_bytes()
+    (jpg / "000004.jpg").write_bytes(data[: len(data) // 2])
+    (jpg / "000020.jpg").write_bytes(b"this is not a jpeg")
+    out = tmp_path / "out"
+    p = cli("svm", *svm_argv(voc, out, "--set", "workers=2"))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    for name in ("000004.jpg", "000020.jpg"):
+        assert len([ln for ln in err.splitlines() if "WARNING skipped" in ln and name in ln]) == 1, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_train"] == 11 and res["num_test"] == 11
+    assert [Path(s.split(":")[0]).name for s in res["skipped_unreadable"]["train"]] == ["000004.jpg"]
+    assert [Path(s.split(":")[0]).name for s in res["skipped_unreadable"]["test"]] == ["000020.jpg"]
+    assert "Traceback" not in err
+
+
+def svm_results(out) -> dict:
+    res = json.loads((Path(out) / "results.json").read_text())
+    return {t: {c: (r["cost"], r["ap"]) for c, r in v["classes"].items()} for t, v in res["taps"].items()}
+
+
+@pytest.mark.parametrize("where", ["features", "svms"])
+def test_svm_stop_signal_keeps_state_and_resume_finishes(tmp_path, monkeypatch, where):
+    """SIGUSR1 during feature extraction (nothing kept) or after the first group of SVMs (features and finished SVMs
+    kept): exit 138; --resume reuses what was kept and gives the uninterrupted run's results."""
+    from linear_probe import svm
+
+    voc = svm_devkit(tmp_path / "voc")
+    run = lambda out, *extra: svm.main(svm.get_args_parser().parse_args(svm_argv(voc, out, "--set", "workers=0",  # noqa: E731
+                                                                                 *extra)))
+    assert run(tmp_path / "full") == 0
+    real = svm.pool_features if where == "features" else svm.train_class
+    calls = {"n": 0}
+
+    def signal_then_call(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(svm, "pool_features" if where == "features" else "train_class", signal_then_call)
+    out = tmp_path / "cut"
+    assert run(out) == 138
+    assert (out / "features.npz").exists() == (where == "svms")
+    if where == "svms":  # the group of 2 (n_jobs 1 x 2) in flight finished and was kept
+        assert len((out / "svm_done.jsonl").read_text().splitlines()) == 2 and not (out / "results.json").exists()
+    monkeypatch.setattr(svm, "pool_features" if where == "features" else "train_class", real)
+    with pytest.raises(UserError, match="pass --resume") if where == "svms" else _no_error():
+        assert run(out) == 0  # without --resume: refused when there is state to keep
+    if where == "svms":
+        assert run(out, "--resume") == 0
+        assert "features: reusing" in (out / "log.txt").read_text()
+    assert svm_results(out) == svm_results(tmp_path / "full")
+
+
+class _no_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_svm_two_processes_race_for_one_out_dir(tmp_path, refused_in_one_line):
+    from pretext.runtime import RunLock
+
+    voc = svm_devkit(tmp_path / "voc", n=8)
+    out = tmp_path / "out"
+    with RunLock(out):  # this process holds the folder
+        refused_in_one_line(["svm", *svm_argv(voc, out, "--set", "workers=0")],
+                            expect=["is in use by another run", f"pid {os.getpid()}"])
+    assert not (out / "config.yaml").exists()
+
+
 # --------------------------------------------------------------------------------------------- 8. bad settings
 def _pretext_checkpoint(path: Path) -> Path:
     from pretext.models import create_model
@@ -216,7 +312,7 @@ BAD_PROBE = [  # (settings, what the one line must say)
     (["--set", "lr_steps=[-1]"], "config key 'lr_steps'"),
     (["--set", "taps=[conv9]"], "unknown tap"),
     (["--set", "batch_size=64"], "fewer than one batch"),
-    ("EMPTY_CLASS", "no valid file for the class empty"),
+    ("EMPTY_CLASS", "no valid file for the classes empty"),
     ("PRETEXT_RESUME", "not a linear probe checkpoint (a pretext checkpoint)"),
     ("OUT_DIR_FILE", "is a file, not a folder"),
 ]
