@@ -116,7 +116,7 @@ class ProbeConfig:
     # momentum 0.9, wd 5e-4, x0.1 every 40k of 140k iterations at 4 x 64 = 256 images, i.e. 28 epochs of
     # ImageNet with steps at 8, 16, 24; biases: lr_mult 2, decay_mult 0 (train_val.prototxt)
     epochs: int = param(28, ge=1, le=100_000)
-    batch_size: int = param(256, ge=1, le=65536)  #: per process
+    batch_size: int = param(256, ge=2, le=65536)  #: per process (BatchNorm heads need two samples)
     lr: float = param(0.01, gt=0, le=1000)
     momentum: float = param(0.9, ge=0, lt=1)
     nesterov: bool = False
@@ -547,8 +547,12 @@ def _train(cfg: ProbeConfig, ckpt: dict | None, resume: str | None, dist_info: D
                              "classes": classes, "dims": heads.dims, "config": config_to_dict(cfg)}, checkpoint_path(cfg))
 
     def stopped(stop: GracefulStop, where: str) -> int:
-        log.warning("%s received: stopped %s, checkpoint %s; continue with: %s", stop.name or "a stop signal", where,
-                    checkpoint_path(cfg), resume_command())
+        if dist_info.is_main:
+            cmd = resume_command()
+            if dist_info.enabled:
+                cmd = cmd.replace("python -m", f"torchrun --nproc_per_node={world} -m", 1)
+            log.warning("%s received: stopped %s, checkpoint %s; continue with: %s",
+                        stop.name or "a stop signal (on another process)", where, checkpoint_path(cfg), cmd)
         if writer is not None:
             writer.close()
         return stop.exit_code  # 0 on a rank that only followed the others
