@@ -15,8 +15,16 @@ The protocol (see PROVENANCE.md for the files):
 * difficult-only images are negatives in training and left out of that class's test AP; the test AP is their
   area under the precision/recall curve with the precision made monotone (:func:`goyal_ap`).
 
-An unreadable image is skipped and counted (with any number of loader workers). Outputs ``results.json`` and
+An unreadable image is skipped and counted (with any number of loader workers): one warning naming it, its path
+and reason in ``results.json`` (``skipped_unreadable``), the counts in the notes. Outputs ``results.json`` and
 ``results.md`` (per tap: pooled shape and pooling, mAP, per-class AP; published figures beside ours).
+
+Every config value has declared limits, checked with the data and encoder before ``out_dir`` is created; one run per
+``out_dir`` (``RunLock``). There is no training loop to checkpoint: the run's state is ``features.npz`` (both splits'
+features, written once both are extracted) and ``svm_done.jsonl`` (one line per finished (tap, class) SVM). A stop
+signal (SIGTERM, SIGINT, SIGUSR1) ends the run at the next batch or group of SVMs with exit 128 + signal and a line
+giving the command that continues; ``--resume`` reuses the features (if the encoder, images and feature settings are
+unchanged) and the finished SVMs (if the SVM settings are unchanged; changes need ``--allow-config-change``).
 """
 from __future__ import annotations
 

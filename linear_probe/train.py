@@ -12,6 +12,16 @@ mode and is checked to be bit-identical after training. The default solver is th
 (richzhang/colorization:feature_learning_tests/linear/solver.prototxt, see PROVENANCE.md). Outputs in ``out_dir``:
 ``results.json`` (per tap: pooled shape and pooling), ``results.md`` (with published figures beside ours),
 ``accuracy_per_layer.png``, ``log.jsonl``, ``checkpoint.pth`` (heads, optimiser; ``--resume`` continues).
+
+Robustness (issue 11): every config value has declared limits, checked with the data, encoder and heads before
+``out_dir`` is created; one run per ``out_dir`` (``pretext.runtime.RunLock``: a second run gets one line naming the
+holder); SIGTERM, SIGINT and SIGUSR1 finish the current step, all ranks agree, a checkpoint is written (mid-epoch:
+the step is stored, and augmentation is seeded per (seed, epoch, sample), so the resumed run equals an uninterrupted
+one) and the process exits 128 + signal with a line giving the command that continues; ``--resume OTHER.pth`` into a
+folder with its own checkpoint needs ``--force``; config changes on resume (data, model, taps, pooling, batch, solver)
+need ``--allow-config-change`` and are recorded in ``config_history.jsonl``; on resume ``log.jsonl`` is cut back to
+the checkpoint's epoch (a torn last line goes too) and stale ``.*.tmp`` files are removed. An unreadable validation
+image is left out and counted (``num_val`` is the number evaluated; ``skipped_unreadable_val`` names the others).
 """
 from __future__ import annotations
 

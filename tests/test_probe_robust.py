@@ -304,7 +304,7 @@ BAD_PROBE = [  # (settings, what the one line must say)
     (["--set", "crop=100000", "--set", "resize=100000"], "config key 'crop': must be <= 2048"),
     (["--set", "resize=60"], "resize must be >= crop"),
     (["--set", "workers=-1"], "config key 'workers'"),
-    (["--set", "batch_size=0"], "config key 'batch_size'"),
+    (["--set", "batch_size=1"], "config key 'batch_size': must be >= 2"),
     (["--set", "momentum=1.5"], "config key 'momentum'"),
     (["--set", "val_fraction=1.5"], "config key 'val_fraction'"),
     (["--set", "pool=max"], "config key 'pool': must be one of"),
