@@ -313,7 +313,9 @@ BAD_PROBE = [  # (settings, what the one line must say)
     (["--set", "taps=[conv9]"], "unknown tap"),
     (["--set", "batch_size=64"], "fewer than one batch"),
     ("EMPTY_CLASS", "no valid file for the classes empty"),
+    (["--set", "crop=16", "--set", "resize=16"], "crop 16 is too small for the taps of alexnet_cc"),
     ("PRETEXT_RESUME", "not a linear probe checkpoint (a pretext checkpoint)"),
+    ("OTHER_ENCODER_RESUME", "was trained on a different encoder"),
     ("OUT_DIR_FILE", "is a file, not a folder"),
 ]
 
@@ -355,6 +357,9 @@ def test_bad_settings_refused_in_one_line(kind, settings, expect, folder, tmp_pa
         args += ["--set", f"data={data}"]
     elif settings == "PRETEXT_RESUME":
         args += ["--resume", str(_pretext_checkpoint(tmp_path / "pretext.pth"))]
+    elif settings == "OTHER_ENCODER_RESUME":
+        torch.save({"format": train.FORMAT, "encoder_fingerprint": "0123456789abcdef"}, tmp_path / "other.pth")
+        args += ["--resume", str(tmp_path / "other.pth")]
     elif settings == "OUT_DIR_FILE":
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out"
