@@ -26,6 +26,7 @@ image is left out and counted (``num_val`` is the number evaluated; ``skipped_un
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import functools
 import json
@@ -197,12 +198,13 @@ def build_transforms(cfg: ProbeConfig):
 class ReadableImageFolder(ImageFolder):
     """ImageFolder that never stops on a bad file: an unreadable image is skipped with a one-line warning naming it.
 
-    Training (``skip_shape`` None): the next readable sample of the folder is used in its place (the epoch keeps its
-    length). Evaluation (``skip_shape`` = the transformed image's shape): a zero image with label -1 comes back,
+    Training (``skip_shape`` None): the next readable sample of the folder (of ``split``, the training indices,
+    when one folder is split) is used in its place (the epoch keeps its length). Evaluation (``skip_shape`` = the transformed image's shape): a zero image with label -1 comes back,
     which :func:`evaluate` leaves out of every count, so the reported number of validation images is the true one.
     A class folder without any image is one line naming it (torchvision raises a FileNotFoundError)."""
 
-    def __init__(self, root: str, transform, loader, skip_shape: tuple[int, ...] | None = None):
+    def __init__(self, root: str, transform, loader, skip_shape: tuple[int, ...] | None = None,
+                 split: list[int] | None = None):
         try:
             super().__init__(root, transform, loader=loader)
         except FileNotFoundError as e:
@@ -210,6 +212,7 @@ class ReadableImageFolder(ImageFolder):
             hint = " (every class folder needs at least one image: remove the empty one)" if "no valid file" in msg else ""
             raise UserError(f"{root}: {msg}{hint}") from None
         self.skip_shape = skip_shape
+        self.split = sorted(split) if split is not None else None  # replacements come from this split only
 
     def __getitem__(self, i):
         if self.skip_shape is not None:
@@ -218,9 +221,11 @@ class ReadableImageFolder(ImageFolder):
             except UnreadableImage as e:
                 warnings.warn(f"skipped {e}")
                 return torch.zeros(self.skip_shape), -1
-        for j in range(len(self)):
+        pool = self.split if self.split is not None else range(len(self))
+        start = bisect.bisect_left(pool, i)
+        for j in range(len(pool)):
             try:
-                return super().__getitem__((i + j) % len(self))
+                return super().__getitem__(pool[(start + j) % len(pool)])
             except UnreadableImage as e:
                 warnings.warn(f"skipped {e}")
         raise UserError(f"{self.root}: no readable image")
@@ -268,6 +273,7 @@ def get_dataset(cfg: ProbeConfig, train_tf, val_tf):
     full_t = ReadableImageFolder(str(root), train_tf, loader=train_load)
     full_v = ReadableImageFolder(str(root), val_tf, loader=val_load, skip_shape=skip)
     ti, vi = stratified_split(full_t.targets, cfg.val_fraction, cfg.split_seed)
+    full_t.split = ti  # an unreadable training image is replaced by another training image, never a validation one
     return torch.utils.data.Subset(full_t, ti), torch.utils.data.Subset(full_v, vi), full_t.classes
 
 

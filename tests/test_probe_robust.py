@@ -190,6 +190,27 @@ def test_corrupt_validation_image_skipped_and_true_count(tmp_path, cache):
     assert all(abs(t["top1"] * 8 / 100 - round(t["top1"] * 8 / 100)) < 1e-9 for t in res["taps"])
 
 
+def test_unreadable_training_image_replaced_from_the_training_split_only(tmp_path):
+    """With one folder split by val_fraction, an unreadable training image is replaced by the next readable
+    *training* image (a validation image in its place would leak the validation set into training)."""
+    from pretext.runtime import load_config
+
+    root = write_imagefolder(tmp_path / "data", per_class=6)
+    cfg = load_config(train.ProbeConfig, None, [f"data={root}", "val_fraction=0.34", "crop=67", "resize=72",
+                                                "train_aug=none"])
+    tf, _ = train.build_transforms(cfg)
+    tr, va, _ = train.get_dataset(cfg, tf, tf)
+    full = tr.dataset
+    k = next(j for j, i in enumerate(tr.indices[:-1]) if tr.indices[j + 1] != i + 1)  # next folder sample is val
+    bad = tr.indices[k]
+    assert bad + 1 in va.indices
+    Path(full.samples[bad][0]).write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipped"):
+        x, y = tr[k]
+    want = full[tr.indices[k + 1]]
+    assert torch.equal(x, want[0]) and y == want[1]
+
+
 # --------------------------------------------------------------------------------------------- svm
 def svm_devkit(base: Path, n: int = 24) -> Path:
     from test_svm import write_devkit
