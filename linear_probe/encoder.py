@@ -15,6 +15,8 @@ parameters and buffers are bit-identical after training.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,7 +225,7 @@ def build_encoder(taps: list[str] | None, checkpoint: str | None = None, random_
         torch.manual_seed(seed)
         try:
             model = create_model(random_init, **(model_kwargs or {}))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RuntimeError) as e:
             raise UserError(f"--random-init {random_init}: {e}") from None
         spec = EncoderSpec("random", random_init, "", f"random init ({random_init})", {"model_kwargs": model_kwargs or {}})
     else:
@@ -278,6 +280,43 @@ def add_encoder_args(p) -> None:
     src.add_argument("--random-init", dest="random_init", metavar="MODEL", help="a randomly initialised MODEL")
     src.add_argument("--supervised", metavar="NAME[:WEIGHTS]",
                      help="supervised ceiling: torchvision NAME or timm:NAME with a weights file")
+
+
+# model_kwargs entries that size a layer: a typo such as fc_dim 40960000 would allocate tens of GB before failing
+_LAYER_WIDTHS = ("fc_dim", "hidden", "out_dim", "n_hue", "n_chroma")
+MAX_WIDTH = 65536
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_model_kwargs(kwargs: dict, key: str = "model_kwargs") -> None:
+    """Refuse (one line) model_kwargs values that cannot build a network, before anything is allocated: every
+    integer is a size or count (1 .. 2^20; layer widths such as fc_dim at most 65536), every float finite and
+    >= 0 (dropout 0 is valid)."""
+    for k, v in kwargs.items():
+        name = f"config key '{key}.{k}'"
+        if isinstance(v, bool) or v is None or isinstance(v, (str, list, tuple, dict)):
+            continue
+        if isinstance(v, int):
+            hi = MAX_WIDTH if k in _LAYER_WIDTHS else 2 ** 20
+            if not 1 <= v <= hi:
+                raise UserError(f"{name}: must be an integer in 1..{hi}, got {v}")
+        elif isinstance(v, float):
+            if not math.isfinite(v) or v < 0:
+                raise UserError(f"{name}: must be a finite number >= 0, got {v}")
+            if k in _LAYER_WIDTHS:
+                raise UserError(f"{name}: must be an integer, got {v}")
+
+
+def check_device(name: str) -> None:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` (anything else is one line, not torch's traceback)."""
+    if not _DEVICE.match(name or ""):
+        raise UserError(f"config key 'device': must be auto, cpu, mps, cuda or cuda:N; got {name!r}")
+
+
+def check_encoder_source(cfg) -> None:
+    """Exactly one encoder source, valid model_kwargs and device (for the configs' ``validate()``)."""
+    check_model_kwargs(dict(cfg.model_kwargs))
+    check_device(cfg.device)
 
 
 def load_encoder_config(cls, args):

@@ -356,7 +356,7 @@ def test_probe_end_to_end_outputs(folder, tmp_path):
     log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[1]["lr"] == pytest.approx(0.001)  # x0.1 at epoch 1
     with pytest.raises(UserError, match="pass --resume"):
-        run_probe(folder, out)
+        run_probe(folder, out, "--set", "epochs=2", "--set", "batch_size=4", "--set", "taps=[conv1,conv5]")
 
 
 def test_single_pass_equals_separate_runs(folder, tmp_path):
