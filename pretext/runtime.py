@@ -700,6 +700,43 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str] | None = None) -> str:
+    """This process's command line to continue the run (for the line printed after a stop signal), quoted for a
+    shell: ``python -m pkg.module`` when started as a module (``torchrun --nproc_per_node=N -m ...`` under torchrun),
+    the console script otherwise; ``--resume [CHECKPOINT]``, ``--force`` and ``--allow-config-change`` are replaced
+    by a plain ``--resume`` (the checkpoint in out_dir now holds the config in force)."""
+    import shlex
+    import shutil
+
+    argv = list(sys.argv if argv is None else argv)
+    script, rest = Path(argv[0]), argv[1:]
+    args, skip = [], False
+    for i, a in enumerate(rest):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(rest) and not rest[i + 1].startswith("-")
+            continue
+        if a.startswith("--resume=") or a in ("--force", "--allow-config-change"):
+            continue
+        args.append(a)
+    if script.suffix == ".py" and (script.parent / "__init__.py").is_file():
+        module = f"{script.parent.name}.{script.stem}"
+        if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+            head = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", module]
+        else:
+            which = shutil.which("python")
+            python = "python" if which and os.path.realpath(which) == os.path.realpath(sys.executable) \
+                else sys.executable
+            head = [python, "-m", module]
+    elif script.suffix == ".py":
+        head = ["python", str(script)]
+    else:
+        head = [script.name]
+    return shlex.join([*head, *args, "--resume"])
+
+
 def resolve_resume(resume: str | None, latest: str | os.PathLike, force: bool = False) -> str | None:
     """``--resume`` semantics shared by the trainers: 'auto' means ``latest`` if it exists (else start fresh);
     no ``--resume`` while ``latest`` exists is an error, so that a finished or crashed run is never overwritten;
