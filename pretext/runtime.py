@@ -376,8 +376,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` atomically (see :func:`atomic_write`). A failed write (disk full, quota, read-only folder) is an
+    ``OSError`` naming the checkpoint and saying that the previous one is kept (``torch.save`` reports a failed
+    write of its zip stream as a ``RuntimeError``; the ``OSError`` behind it is recovered)."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise _checkpoint_write_error(e, path) from e
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise _checkpoint_write_error(cause, path) from e
+
+
+def _checkpoint_write_error(e: OSError, path) -> OSError:
+    why = e.strerror or str(e)
+    return OSError(e.errno, f"cannot write the checkpoint ({why}); the previous checkpoint, if any, is kept",
+                   str(path))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = False) -> dict:

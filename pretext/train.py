@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -638,7 +639,8 @@ def check_model(cfg: PretextConfig, target: Target) -> None:
     meta_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
     what = f"model '{cfg.model}' with {kwargs}"
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op": the error says it
             net = models.create_model(cfg.model, **meta_kwargs).train()
             empty = [n for n, p in net.named_parameters() if p.numel() == 0]
             if empty:
