@@ -148,7 +148,7 @@ def two_runs(tmp_path_factory, data):
 
 
 def _snapshot(run: Path) -> dict:
-    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "log.txt"}
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name not in ("log.txt", ".lock")}
 
 
 def test_resume_another_checkpoint_into_a_run_folder_needs_force(tmp_path, data, two_runs, refused_in_one_line):
@@ -167,34 +167,52 @@ def test_resume_another_checkpoint_into_a_run_folder_needs_force(tmp_path, data,
     assert len(list(b.glob("log.replaced-*.jsonl"))) == 1, r.stderr[-1500:]
 
 
-def test_config_change_on_resume_is_refused_then_recorded(tmp_path, data, two_runs, refused_in_one_line):
+def _refused_here(capsys, argv, expect) -> str:
+    """The CLI in this process (no torch import per case): exit 2 and one stderr line holding ``expect``."""
+    from pretext import cli
+
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for e in [expect] if isinstance(expect, str) else expect:
+        assert e in lines[0], err
+    return lines[0]
+
+
+def test_config_change_on_resume_is_refused_then_recorded(tmp_path, data, two_runs, capsys):
     run = tmp_path / "a"
     shutil.copytree(two_runs / "a", run)
     before = _snapshot(run)
-    base = ["pretrain", *[x for kv in TINY for x in ("--set", kv)], "--set", f"data={data}", "--set", f"out_dir={run}"]
+    settings = [*TINY, f"data={data}", f"out_dir={run}", "checkpoint_every=2"]
+    base = ["pretrain", *[x for kv in settings for x in ("--set", kv)]]
     more = tmp_path / "more"
     shutil.copytree(data, more)
     for change, shown in (("lr=5e-4", "lr: 0.001 -> 0.0005"), ("batch_size=4", "batch_size: 2 -> 4"),
                           (f"data={more}", f"data: ['{data}'] -> ['{more}']"), ("k=5", "k: 10 -> 5"),
-                          ("lam=0.2", "lam: 0.5 -> 0.2"), ("lr_steps=[5]", "lr_steps: ")):
-        refused_in_one_line([*base, "--set", change, "--set", "max_steps=3", "--resume"],
-                            expect=["resuming", "changed config", shown, "--allow-config-change"])
+                          ("lam=0.2", "lam: 0.5 -> 0.2"), ("lr_steps=[5]", "lr_steps: "),
+                          ("accum_steps=2", "accum_steps: 1 -> 2"), ("loss=l2", "holds a alexnet_cc network")):
+        _refused_here(capsys, [*base, "--set", change, "--set", "max_steps=3", "--resume"], shown)
         assert _snapshot(run) == before  # config.yaml is not rewritten, no history, no log line
     # another network: its weights cannot be loaded, even with --allow-config-change
-    refused_in_one_line([*base, "--set", "model_kwargs.fc_dim=16", "--resume", "--allow-config-change"],
-                        expect=["holds a alexnet_cc network", "'fc_dim': 32", "'fc_dim': 16", "cannot be loaded"])
-    # extending max_steps is an ordinary resume: recorded, not refused
-    _train([*TINY, f"data={data}", f"out_dir={run}", "max_steps=3"], ["--resume"])
+    _refused_here(capsys, [*base, "--set", "model_kwargs.fc_dim=16", "--resume", "--allow-config-change"],
+                  ["holds a alexnet_cc network", "'fc_dim': 32", "'fc_dim': 16", "cannot be loaded"])
+    assert _snapshot(run) == before
+    # extending max_steps is an ordinary resume: recorded (with the moved out_dir), not refused
+    _train([*settings, "max_steps=3"], ["--resume"])
     hist = read_jsonl(run / "config_history.jsonl")
-    assert [(h["step"], h["changes"]) for h in hist] == [(2, {"max_steps": {"old": 2, "new": 3}})]
+    assert len(hist) == 1 and hist[0]["step"] == 2 and set(hist[0]["changes"]) == {"max_steps", "out_dir"}
+    assert hist[0]["changes"]["max_steps"] == {"old": 2, "new": 3}
     # a guarded change with --allow-config-change: runs, recorded with the step, config.yaml says so
-    _train([*TINY, f"data={data}", f"out_dir={run}", "max_steps=4", "lr=5e-4"], ["--resume", "--allow-config-change"])
+    _train([*settings, "max_steps=4", "lr=5e-4"], ["--resume", "--allow-config-change"])
     hist = read_jsonl(run / "config_history.jsonl")
     assert hist[-1]["step"] == 3 and hist[-1]["changes"] == {"lr": {"old": 0.001, "new": 0.0005},
                                                              "max_steps": {"old": 3, "new": 4}}
     text = (run / "config.yaml").read_text()
     assert text.startswith("# resumed at step 3 with changes to lr, max_steps") and "lr: 0.0005" in text
     assert _steps(run) == [1, 2, 3, 4]
+    assert [r["lr"] for r in read_jsonl(run / "log.jsonl")] == [1e-3, 1e-3, 1e-3, 5e-4]
 
 
 # --------------------------------------------------------------------------------------------- 8, 9: bad configs
