@@ -720,13 +720,18 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def resume_command(argv: list[str] | None = None) -> str:
     """This process's command line to continue the run (for the line printed after a stop signal), quoted for a
-    shell: ``python -m pkg.module`` when started as a module (``torchrun --nproc_per_node=N -m ...`` under torchrun),
-    the console script otherwise; ``--resume [CHECKPOINT]``, ``--force`` and ``--allow-config-change`` are replaced
+    shell: ``python -m pkg.module`` when started as a module, torchrun's own command line under torchrun (read from
+    the parent process), the console script otherwise; ``--resume [CHECKPOINT]``, ``--force`` and ``--allow-config-change`` are replaced
     by a plain ``--resume`` (the checkpoint in out_dir now holds the config in force)."""
     import shlex
-    import shutil
 
-    argv = list(sys.argv if argv is None else argv)
+    launcher = None
+    if argv is None and os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        try:  # under torchrun: its own command line (nodes, rendezvous, ...), from the parent process
+            launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1] or None
+        except OSError:
+            pass
+    argv = list(launcher or (sys.argv if argv is None else argv))
     script, rest = Path(argv[0]), argv[1:]
     args, skip = [], False
     for i, a in enumerate(rest):
@@ -739,20 +744,31 @@ def resume_command(argv: list[str] | None = None) -> str:
         if a.startswith("--resume=") or a in ("--force", "--allow-config-change"):
             continue
         args.append(a)
+    if launcher is not None:
+        return shlex.join([*_program(argv[0]), *args, "--resume"])
     if script.suffix == ".py" and (script.parent / "__init__.py").is_file():
         module = f"{script.parent.name}.{script.stem}"
         if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
             head = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", module]
         else:
-            which = shutil.which("python")
-            python = "python" if which and os.path.realpath(which) == os.path.realpath(sys.executable) \
-                else sys.executable
-            head = [python, "-m", module]
+            head = [*_program(sys.executable), "-m", module]
     elif script.suffix == ".py":
-        head = ["python", str(script)]
+        head = [*_program(sys.executable), str(script)]
     else:
         head = [script.name]
     return shlex.join([*head, *args, "--resume"])
+
+
+def _program(exe: str) -> list[str]:
+    """How to name the program ``exe`` in a command to copy: ``python`` (or its own name) where the PATH finds that
+    very file, else its full path. Not resolving symlinks: a venv's python is not the system's."""
+    import shutil
+
+    for name in ("python", Path(exe).name):
+        which = shutil.which(name)
+        if which is not None and os.path.abspath(which) == os.path.abspath(exe):
+            return [name]
+    return [exe]
 
 
 def resolve_resume(resume: str | None, latest: str | os.PathLike, force: bool = False) -> str | None:

@@ -832,8 +832,9 @@ def _run(cfg: PretextConfig, resume: Optional[str], ckpt: Optional[dict], datase
             log.warning("%d unreadable images were skipped (see warnings above)", state["skipped"])
     if state.get("stopped"):
         if dist_info.is_main:
-            log.warning("stopped by %s at step %d (checkpoint %s); resume with: %s", stop.name or "another process",
-                        state["step"], checkpoint_path(cfg), resume_command())
+            log.warning("stopped by %s at step %d (checkpoint %s); resume with: %s",
+                        stop.name or "a signal to another process", state["step"], checkpoint_path(cfg),
+                        resume_command())
         return stop.exit_code  # 0 on a process that only followed the others
     if dist_info.is_main:
         log.info("done: step %d, checkpoint %s", state["step"], checkpoint_path(cfg))

@@ -117,6 +117,40 @@ def test_stop_signal_checkpoints_the_last_step_and_resume_is_exact(tmp_path, dat
     _same_weights(reference, run)
 
 
+@pytest.mark.slow
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
+    """torchrun, 2 processes (gloo): SIGUSR1 reaches rank 1 only; rank 0 stops at the same step (one all-reduce per
+    step), the checkpoint holds that step, and the printed command (torchrun's own) resumes the run."""
+    run = tmp_path / "run"
+    settings = [f"data={data}", f"out_dir={run}", "max_steps=9", "checkpoint_every=3", *TINY, "model_kwargs.norm=none"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_cmd(settings)[1:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for_step(proc, run, 4)
+        workers = [int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        rank = {}
+        for w in workers:
+            env = dict(e.split("=", 1) for e in Path(f"/proc/{w}/environ").read_text().split("\0") if "=" in e)
+            rank[env["RANK"]] = w
+        os.kill(rank["1"], signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "failed (exitcode: 138) local_rank: 1" in err, err[-3000:]  # torchrun's report of rank 1
+    ck = load_checkpoint(run / "checkpoint.pth")
+    steps = _steps(run)
+    assert 4 <= ck["step"] == steps[-1] < 9 and len(ck["rng_per_rank"]) == 2, (ck["step"], steps)
+    line = [ln for ln in err.splitlines() if f"at step {ck['step']}" in ln and "resume with: " in ln]
+    assert len(line) == 1, err[-3000:]
+    cmd = shlex.split(line[0].split("resume with: ", 1)[1])
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _steps(run) == list(range(1, 10))
+
+
 # --------------------------------------------------------------------------------------------- 3. one run per folder
 def test_two_processes_racing_for_one_folder(tmp_path, data):
     run = tmp_path / "run"
