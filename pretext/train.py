@@ -585,6 +585,8 @@ def run(cfg: PretextConfig, resume: Optional[str] = None, force: bool = False, a
                 check_resumable(ck, path, cfg, target, allow_change)
             if ck is not None and dist_info.is_main:
                 record_resume(ck, path, cfg, allow_change)
+            elif dist_info.is_main and truncate_jsonl(out_dir / "log.jsonl", 0):  # an attempt killed before its
+                log.info("log.jsonl: dropped the records of an earlier attempt that wrote no checkpoint")  # 1st ckpt
             return path, ck
 
         resume, ckpt = _agree(resume_from, device)
@@ -657,6 +659,9 @@ def check_model(cfg: PretextConfig, target: Target) -> None:
         return
     except Exception as e:  # noqa: BLE001 - whatever a builder raises for the user's model settings
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "meta" in msg.lower():  # the network reads tensor values (e.g. .item()) while built: check skipped
+            log.debug("meta-device check of %s skipped: %s", what, msg)
+            return
         raise UserError(f"{what} at size {cfg.size}: {msg}") from None
     if out.shape[1] != target.out_channels:
         raise UserError(f"{what}: {out.shape[1]} output channels, the target {target.name} needs "
@@ -800,8 +805,9 @@ def _run(cfg: PretextConfig, resume: Optional[str], ckpt: Optional[dict], datase
     if cfg.tensorboard and dist_info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        # on resume, events of the steps after the checkpoint's (redone now) are purged, as in log.jsonl
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] + 1 if ckpt is not None else None)
+        # events of the steps after the checkpoint's (redone now) are purged, as in log.jsonl
+        purge = state["step"] + 1 if (out_dir / "tensorboard").is_dir() else None
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
     grid_rgb = grid_batch(cfg, cfg.num_grid_images) if dist_info.is_main and cfg.image_every > 0 else None
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (dist_info.is_main and cfg.progress))

@@ -406,3 +406,11 @@ def test_resume_drops_redone_steps_torn_line_and_stale_tmp(tmp_path, data, refer
     assert not (run / ".checkpoint.pth.k1ll3d.tmp").exists()
     assert (run / "loss.png").is_file()
     _same_weights(reference, run)
+
+
+def test_attempt_killed_before_its_first_checkpoint_leaves_no_log_behind(tmp_path, data, reference):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(reference / "log.jsonl", run / "log.jsonl")  # steps 1-10 of an attempt that wrote no checkpoint
+    _train([f"data={data}", f"out_dir={run}", "max_steps=2", "checkpoint_every=2", *TINY], ["--resume"])
+    assert _steps(run) == [1, 2]
