@@ -376,8 +376,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` atomically (see :func:`atomic_write`). A failed write (disk full, quota, read-only folder) is an
+    ``OSError`` naming the checkpoint and saying that the previous one is kept (``torch.save`` reports a failed
+    write of its zip stream as a ``RuntimeError``; the ``OSError`` behind it is recovered)."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise _checkpoint_write_error(e, path) from e
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise _checkpoint_write_error(cause, path) from e
+
+
+def _checkpoint_write_error(e: OSError, path) -> OSError:
+    why = e.strerror or str(e)
+    return OSError(e.errno, f"cannot write the checkpoint ({why}); the previous checkpoint, if any, is kept",
+                   str(path))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = False) -> dict:
@@ -698,6 +716,59 @@ def add_resume_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="on resume, accept changes to data, model, target, batch or schedule (recorded)")
     return parser
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """This process's command line to continue the run (for the line printed after a stop signal), quoted for a
+    shell: ``python -m pkg.module`` when started as a module, torchrun's own command line under torchrun (read from
+    the parent process), the console script otherwise; ``--resume [CHECKPOINT]``, ``--force`` and ``--allow-config-change`` are replaced
+    by a plain ``--resume`` (the checkpoint in out_dir now holds the config in force)."""
+    import shlex
+
+    launcher = None
+    if argv is None and os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        try:  # under torchrun: its own command line (nodes, rendezvous, ...), from the parent process
+            launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1] or None
+        except OSError:
+            pass
+    argv = list(launcher or (sys.argv if argv is None else argv))
+    script, rest = Path(argv[0]), argv[1:]
+    args, skip = [], False
+    for i, a in enumerate(rest):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(rest) and not rest[i + 1].startswith("-")
+            continue
+        if a.startswith("--resume=") or a in ("--force", "--allow-config-change"):
+            continue
+        args.append(a)
+    if launcher is not None:
+        return shlex.join([*_program(argv[0]), *args, "--resume"])
+    if script.suffix == ".py" and (script.parent / "__init__.py").is_file():
+        module = f"{script.parent.name}.{script.stem}"
+        if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+            head = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", "-m", module]
+        else:
+            head = [*_program(sys.executable), "-m", module]
+    elif script.suffix == ".py":
+        head = [*_program(sys.executable), str(script)]
+    else:
+        head = [script.name]
+    return shlex.join([*head, *args, "--resume"])
+
+
+def _program(exe: str) -> list[str]:
+    """How to name the program ``exe`` in a command to copy: ``python`` (or its own name) where the PATH finds that
+    very file, else its full path. Not resolving symlinks: a venv's python is not the system's."""
+    import shutil
+
+    for name in ("python", Path(exe).name):
+        which = shutil.which(name)
+        if which is not None and os.path.abspath(which) == os.path.abspath(exe):
+            return [name]
+    return [exe]
 
 
 def resolve_resume(resume: str | None, latest: str | os.PathLike, force: bool = False) -> str | None:

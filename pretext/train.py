@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -32,92 +33,151 @@ from .predict import colorize_rgb
 from .targets import TARGETS, Target
 from .runtime import (
     DistInfo,
+    GracefulStop,
     JsonlLogger,
+    RunLock,
     UserError,
     add_config_args,
     add_resume_arg,
     all_gather_objects,
     all_reduce_sum,
     any_process,
+    atomic_write_text,
     autocast_dtype,
     barrier,
+    check_resume_config,
     cleanup_distributed,
+    config_changes,
     config_from_args,
+    config_to_dict,
     get_rng_state,
+    ignore_stop_signals,
     init_distributed,
     load_checkpoint,
     log,
+    param,
+    remove_stale_tmp,
     resolve_resume,
+    resume_command,
     save_checkpoint,
     save_config,
     seed_everything,
     set_rng_state,
     setup_logging,
+    truncate_jsonl,
+    validate_config,
 )
 
 FORMAT = "crosschannel/pretext-v1"
 
 
+#: the loss key -> the target it trains (rebal and ce differ in the rebalancing weights only)
+LOSS_TARGETS = {"rebal": "ab313", "ce": "ab313", "l2": "l2", "hue_chroma": "hue_chroma"}
+INIT_MODES = ("kmeans", "pca", "gaussian", "default")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+MAX_SIZE = 4096  #: the largest training crop accepted (a 4096 px crop of batch 40 is already ~8 GB of uint8 input)
+#: the smallest crop: every registered network keeps a non-empty deepest feature map (vgg16_hypercolumn's five
+#: 2x2 max-pools need 32 px; below it zhang_vgg and alexnet_cc see 1x1 maps and a target grid of 1-4 cells)
+MIN_SIZE = 32
+#: a model -> the multiple its crop must be, and why
+SIZE_MULTIPLE = {"zhang_vgg": (8, "its three stride-2 convs and the 2x upsampling give logits of size/4 on the "
+                                  "stride-4 target grid only for a multiple of 8 (else the logits would be resized)")}
+
+
 @dataclasses.dataclass(frozen=True)
 class PretextConfig:
     """Defaults: Zhang et al.'s VGG net as released (richzhang/colorization: models/colorization_train_val_v2.prototxt,
-    train/solver.prototxt, resources/caffe_traininglayers.py); PROVENANCE.md names the source of each."""
+    train/solver.prototxt, resources/caffe_traininglayers.py); PROVENANCE.md names the source of each. Every value
+    has declared limits (``param``) and :meth:`validate` checks the combinations: both run before anything is
+    created (``pretext.runtime.validate_config``)."""
     # data
     data: list[str] = dataclasses.field(default_factory=list)  #: folders / list files / globs of training images
     val_data: list[str] = dataclasses.field(default_factory=list)  #: held-out images for the sample grids
-    size: int = 176  #: training crop (released: 176 for the VGG net, 180 for the AlexNet)
-    crop: str = "resize_crop"  #: resize_crop (resize then random crop, as released) | rrc (RandomResizedCrop)
-    crop_scale_min: float = 0.25  #: rrc only
-    workers: int = 4
-    decode: str = "cpu"  #: cpu (loader workers, JPEG draft decoding) | gpu (nvjpeg on the device; else cpu, warned)
-    max_images: int = 0  #: use at most this many training images (0: all)
+    size: int = param(176, ge=MIN_SIZE, le=MAX_SIZE)  #: training crop (released: 176 for the VGG net, 180 for the AlexNet)
+    crop: str = param("resize_crop", choices=("resize_crop", "rrc"))  #: resize_crop (resize then random crop, as released) | rrc (RandomResizedCrop)
+    crop_scale_min: float = param(0.25, gt=0, le=1)  #: rrc only: smallest crop area, as a fraction of the image
+    workers: int = param(4, ge=0, le=256)
+    decode: str = param("cpu", choices=("cpu", "gpu"))  #: cpu (loader workers, JPEG draft decoding) | gpu (nvjpeg on the device; else cpu, warned)
+    max_images: int = param(0, ge=0)  #: use at most this many training images (0: all)
     # model and target
     model: str = "zhang_vgg"  #: zhang_vgg | alexnet_cc | vgg16_hypercolumn | timm:<name>
     model_kwargs: dict = dataclasses.field(default_factory=dict)
-    loss: str = "rebal"  #: rebal (classification, class-rebalanced) | ce (no rebalancing) | l2 (regression) | hue_chroma
-    loss_norm: str = "batch"  #: batch (sum over pixels / images, as released) | pixel (mean over counted pixels)
+    loss: str = param("rebal", choices=tuple(LOSS_TARGETS))  #: rebal (classification, class-rebalanced) | ce (no rebalancing) | l2 (regression) | hue_chroma
+    loss_norm: str = param("batch", choices=("batch", "pixel"))  #: batch (sum over pixels / images, as released) | pixel (mean over counted pixels)
     prior: str = ""  #: prior.npz from `crosschannel prior` (needed for rebal)
-    lam: float = 0.5  #: rebalancing: weight of the uniform distribution
-    rebalance_mode: str = "reference"  #: reference (the released PriorFactor) | paper (uniform over all Q bins)
-    k: int = 10  #: soft-encoding neighbours (released NNEncLayer: 10; the paper's text: 5)
-    sigma: float = 5.0
-    target_sampling: str = "point"  #: point (every target_stride-th pixel, as released) | area (cell averages)
-    grey_thresh: float = 5.0  #: an image counts if some target |a| or |b| exceeds this (NonGrayMaskLayer)
-    points_per_image: int = 0  #: >0: train on P random pixels per image (Larsson's sparse hypercolumns)
-    points_margin: int = 0  #: points are drawn from the central window [margin, size - margin) (Larsson: 96 of 352)
-    temperature: float = 0.38  #: annealed mean for logged predictions
-    init: str = "kmeans"  #: kmeans | pca | gaussian | default (data-dependent init at step 0; default: PyTorch's)
-    init_images: int = 0  #: images in the initialisation batch (0: batch_size)
+    lam: float = param(0.5, ge=0, le=1)  #: rebalancing: weight of the uniform distribution
+    rebalance_mode: str = param("reference", choices=("reference", "paper"))  #: reference (the released PriorFactor) | paper (uniform over all Q bins)
+    k: int = param(10, ge=1, le=313)  #: soft-encoding neighbours (released NNEncLayer: 10; the paper's text: 5); <= the bins
+    sigma: float = param(5.0, gt=0, le=1000)
+    target_sampling: str = param("point", choices=("point", "area"))  #: point (every target_stride-th pixel, as released) | area (cell averages)
+    grey_thresh: float = param(5.0, ge=0, le=128)  #: an image counts if some target |a| or |b| exceeds this (NonGrayMaskLayer)
+    points_per_image: int = param(0, ge=0)  #: >0: train on P random pixels per image (Larsson's sparse hypercolumns)
+    points_margin: int = param(0, ge=0)  #: points are drawn from the central window [margin, size - margin) (Larsson: 96 of 352)
+    temperature: float = param(0.38, gt=0, le=100)  #: annealed mean for logged predictions
+    init: str = param("kmeans", choices=INIT_MODES)  #: kmeans | pca | gaussian | default (data-dependent init at step 0; default: PyTorch's)
+    init_images: int = param(0, ge=0)  #: images in the initialisation batch (0: batch_size)
     # optimisation (train/solver.prototxt: Adam 0.9/0.99, wd 1e-3, lr 3.16e-5 x0.316 every 215k, 500k iterations)
-    optimizer: str = "adam"  #: adam | adamw | sgd
-    lr: float = 3.16e-5
-    betas: tuple[float, float] = (0.9, 0.99)
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    bias_lr_mult: float = 1.0  #: Caffe lr_mult of conv / linear biases (1 unless the prototxt says otherwise)
-    bias_decay_mult: float = 1.0  #: Caffe decay_mult of conv / linear biases
-    lr_steps: list[int] = dataclasses.field(default_factory=lambda: [215_000, 430_000])
-    lr_gamma: float = 0.316
-    lr_values: list[float] = dataclasses.field(default_factory=list)  #: lr of each segment (overrides lr_gamma)
-    warmup_steps: int = 0
-    batch_size: int = 40  #: per process; global batch = batch_size * world_size * accum_steps
-    accum_steps: int = 1
-    max_steps: int = 500_000
-    time_limit_min: float = 0.0  #: stop (with a checkpoint) after this many minutes (0: no limit)
-    grad_clip: float = 0.0
-    amp: str = "auto"  #: auto | bf16 | fp16 | none (CUDA only)
+    optimizer: str = param("adam", choices=("adam", "adamw", "sgd"))  #: adam | adamw | sgd
+    lr: float = param(3.16e-5, gt=0, le=10)
+    betas: tuple[float, float] = param((0.9, 0.99), ge=0, lt=1)  #: Adam's (beta1, beta2), each in [0, 1)
+    momentum: float = param(0.9, ge=0, lt=1)
+    weight_decay: float = param(1e-3, ge=0, le=1)
+    bias_lr_mult: float = param(1.0, ge=0, le=1000)  #: Caffe lr_mult of conv / linear biases (1 unless the prototxt says otherwise)
+    bias_decay_mult: float = param(1.0, ge=0, le=1000)  #: Caffe decay_mult of conv / linear biases
+    lr_steps: list[int] = param(default_factory=lambda: [215_000, 430_000], ge=1)
+    lr_gamma: float = param(0.316, gt=0, le=1)
+    lr_values: list[float] = param(default_factory=list, ge=0, le=10)  #: lr of each segment (overrides lr_gamma)
+    warmup_steps: int = param(0, ge=0)
+    batch_size: int = param(40, ge=1, le=65536)  #: per process; global batch = batch_size * world_size * accum_steps
+    accum_steps: int = param(1, ge=1, le=65536)
+    max_steps: int = param(500_000, ge=1)
+    time_limit_min: float = param(0.0, ge=0)  #: stop (with a checkpoint) after this many minutes (0: no limit)
+    grad_clip: float = param(0.0, ge=0)
+    amp: str = param("auto", choices=AMP_MODES)  #: auto | bf16 | fp16 | none (CUDA only)
     channels_last: bool = True  #: CUDA only
     sync_bn: bool = False  #: SyncBatchNorm under DDP (CUDA only)
     # bookkeeping
     out_dir: str = "runs/pretext"
-    checkpoint_every: int = 1000
-    log_every: int = 20
-    image_every: int = 1000
-    num_grid_images: int = 8
+    checkpoint_every: int = param(1000, ge=1)
+    log_every: int = param(20, ge=1)
+    image_every: int = param(1000, ge=0)  #: 0: no sample grids
+    num_grid_images: int = param(8, ge=1, le=256)
     tensorboard: bool = True
-    seed: int = 0
+    seed: int = param(0, ge=0, le=2**32 - 1)
     device: str = "auto"
     progress: bool = True
+
+    def validate(self) -> None:
+        """Combinations of keys (``validate_config`` has checked each key's limits). Cheap: no file is read."""
+        if not str(self.out_dir).strip():
+            raise UserError("config key 'out_dir' is empty")
+        if len(self.betas) != 2:
+            raise UserError(f"config key 'betas': expected a pair [beta1, beta2], got {list(self.betas)}")
+        if not (self.model in models.list_models() or (self.model.startswith("timm:") and len(self.model) > 5)):
+            raise UserError(f"unknown model '{self.model}'; available: {', '.join(models.list_models())} or "
+                            "timm:<name>")
+        mult, why = SIZE_MULTIPLE.get(self.model, (1, ""))
+        if self.size % mult:
+            lo = self.size // mult * mult
+            raise UserError(f"config key 'size': {self.model} needs a multiple of {mult} ({why}); got {self.size}, "
+                            f"use {max(lo, MIN_SIZE)} or {lo + mult}")
+        if not 0 <= 2 * self.points_margin < self.size:
+            raise UserError(f"config key 'points_margin' must leave a window inside the {self.size}px crop "
+                            f"(0 <= 2 x margin < size); got {self.points_margin}")
+        if self.loss == "rebal" and not self.prior:
+            raise UserError("loss 'rebal' needs a prior: run `crosschannel prior DATA -o prior.npz` and set "
+                            "prior=prior.npz (or loss=ce for no rebalancing)")
+        if list(self.lr_steps) != sorted(set(self.lr_steps)):
+            raise UserError(f"config key 'lr_steps' must be strictly increasing, got {list(self.lr_steps)}")
+        if self.lr_values and (len(self.lr_values) != len(self.lr_steps) + 1 or self.lr_values[0] != self.lr):
+            raise UserError(f"lr_values needs one lr per segment of lr_steps ({len(self.lr_steps) + 1}), the first "
+                            f"equal to lr ({self.lr}); got {list(self.lr_values)}")
+        if self.device not in ("auto", ""):
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise UserError(f"config key 'device': expected auto, cpu, cuda, cuda:N or mps; got "
+                                f"'{self.device}'") from None
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -181,9 +241,6 @@ def grid_batch(cfg: PretextConfig, n: int) -> Optional[torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- model + target
-#: the loss key -> the target it trains (rebal and ce differ in the rebalancing weights only)
-LOSS_TARGETS = {"rebal": "ab313", "ce": "ab313", "l2": "l2", "hue_chroma": "hue_chroma"}
-INIT_MODES = ("kmeans", "pca", "gaussian", "default")
 
 
 def build_target(cfg: PretextConfig, prior: Optional[dict]) -> Target:
@@ -383,8 +440,10 @@ def checkpoint_path(cfg: PretextConfig) -> Path:
 # --------------------------------------------------------------------------------------------- training
 def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Optional[dict], cfg: PretextConfig,
                     state: dict, dist_info: DistInfo, device, amp_dtype, points_gen, logger: JsonlLogger, writer, bar,
-                    grid_rgb, t_start: float) -> bool:
-    """Run until the epoch ends or the run is over; returns True when the run is over."""
+                    grid_rgb, t_start: float, stop: Optional[GracefulStop] = None) -> bool:
+    """Run until the epoch ends or the run is over; returns True when the run is over. A stop signal
+    (``stop.requested`` on any process) ends the run after the current step, with a checkpoint, and sets
+    ``state["stopped"]``."""
     model.train()
     micro = 0
     window_t, window_imgs = time.time(), 0
@@ -411,10 +470,11 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
         step = state["step"]
         if bar is not None:
             bar.update(1)
-        # every rank stops together: one agreement per step for both reasons to stop early
-        nonfinite, timed_out = any_process(
+        # every rank stops together: one agreement per step for the three reasons to stop early
+        nonfinite, timed_out, stopping = any_process(
             [not math.isfinite(res.loss.item()),
-             cfg.time_limit_min > 0 and time.time() - t_start > cfg.time_limit_min * 60], device)
+             cfg.time_limit_min > 0 and time.time() - t_start > cfg.time_limit_min * 60,
+             stop is not None and stop.requested], device)
         if nonfinite:
             raise UserError(f"loss is not finite at step {step}; lower lr or check the data")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -434,7 +494,9 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
         grid_due = cfg.image_every > 0 and (step % cfg.image_every == 0 or step == cfg.max_steps)
         if dist_info.is_main and grid_rgb is not None and grid_due:
             save_grid(model, grid_rgb.to(device), target, cfg, step, writer)
-        done = step >= cfg.max_steps or timed_out
+        done = step >= cfg.max_steps or timed_out or stopping
+        if stopping:
+            state["stopped"] = True
         if step % cfg.checkpoint_every == 0 or done:
             # every rank's RNG state goes into the checkpoint, so that a resumed DDP run continues exactly
             rng = all_gather_objects({"rng": get_rng_state(), "points_rng": points_gen.get_state()})
@@ -464,38 +526,190 @@ def save_grid(model, rgb, target: Target, cfg, step, writer) -> None:
         writer.add_image("samples/grey_pred_true", grid, step)
 
 
+#: what makes a resumed run another experiment: changed on resume, refused unless --allow-config-change (and then
+#: recorded in config_history.jsonl). Not guarded (recorded only): max_steps (extending a run is normal),
+#: time_limit_min, val_data, workers, decode, amp, channels_last, sync_bn, device (a requeued job may land on other
+#: hardware), init / init_images (step 0 only), out_dir and the bookkeeping intervals.
+GUARDED = ("data", "max_images", "size", "crop", "crop_scale_min", "model", "model_kwargs", "loss", "loss_norm",
+           "prior", "lam", "rebalance_mode", "k", "sigma", "target_sampling", "grey_thresh", "points_per_image",
+           "points_margin", "optimizer", "lr", "betas", "momentum", "weight_decay", "bias_lr_mult", "bias_decay_mult",
+           "lr_steps", "lr_gamma", "lr_values", "warmup_steps", "batch_size", "accum_steps", "grad_clip", "seed")
+
+
 def main(args) -> int:
-    return run(config_from_args(PretextConfig, args), resume=args.resume)
+    return run(config_from_args(PretextConfig, args), resume=args.resume, force=getattr(args, "force", False),
+               allow_change=getattr(args, "allow_config_change", False))
 
 
-def run(cfg: PretextConfig, resume: Optional[str] = None) -> int:
-    """Train with ``cfg``; ``resume`` is None, 'auto' (out_dir/checkpoint.pth if present) or a checkpoint path."""
+def run(cfg: PretextConfig, resume: Optional[str] = None, force: bool = False, allow_change: bool = False) -> int:
+    """Train with ``cfg``; ``resume`` is None, 'auto' (out_dir/checkpoint.pth if present) or a checkpoint path
+    (``force``: even into an out_dir holding another run's checkpoint). Returns 0, or 128 + signal after a stop
+    signal (the checkpoint of the last step written).
+
+    Everything that can be refused is refused before the run folder exists and before the network is allocated:
+    the config's limits, the data, the prior, the network at the configured size (built on the meta device), an
+    explicit checkpoint and its config. Then the main process locks ``out_dir`` (:class:`RunLock`)."""
+    check_config(cfg)  # also for configs built in Python
     dist_info, device = init_distributed(cfg.device)
+    lock = None
     try:
-        return _run(cfg, resume, dist_info, device)
+        setup_logging(None, dist_info.is_main)
+        out_dir = Path(cfg.out_dir)
+
+        def prepare():
+            dataset = get_dataset(cfg, device)
+            prior, target = load_target(cfg)
+            check_model(cfg, target)
+            ckpt = None
+            if resume not in (None, "auto"):
+                ckpt = load_checkpoint(resume)
+                check_resumable(ckpt, resume, cfg, target, allow_change)
+            return dataset, prior, target, ckpt
+
+        dataset, prior, target, ckpt = _agree(prepare, device)
+
+        def take_lock():
+            nonlocal lock
+            if dist_info.is_main:
+                lock = RunLock(out_dir).acquire()
+                remove_stale_tmp(out_dir)
+                setup_logging(out_dir, True)
+
+        _agree(take_lock, device)
+
+        def resume_from():
+            path = resolve_resume(resume, checkpoint_path(cfg), force)
+            ck = ckpt
+            if path is not None and ck is None:
+                ck = load_checkpoint(path)
+                check_resumable(ck, path, cfg, target, allow_change)
+            if ck is not None and dist_info.is_main:
+                record_resume(ck, path, cfg, allow_change)
+            elif dist_info.is_main and truncate_jsonl(out_dir / "log.jsonl", 0):  # an attempt killed before its
+                log.info("log.jsonl: dropped the records of an earlier attempt that wrote no checkpoint")  # 1st ckpt
+            return path, ck
+
+        resume, ckpt = _agree(resume_from, device)
+        with GracefulStop() as stop:
+            return _run(cfg, resume, ckpt, dataset, prior, target, dist_info, device, stop)
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed()
 
 
-def check_config(cfg: PretextConfig) -> None:
-    for key in ("batch_size", "accum_steps", "max_steps", "checkpoint_every", "log_every", "size", "k"):
-        if getattr(cfg, key) <= 0:
-            raise UserError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}")
-    if not 0 <= 2 * cfg.points_margin < cfg.size:
-        raise UserError(f"points_margin must be >= 0 and leave a window inside the {cfg.size}px crop; "
-                        f"got {cfg.points_margin}")
-    if cfg.image_every < 0 or cfg.workers < 0 or cfg.points_per_image < 0 or cfg.init_images < 0:
-        raise UserError("image_every, workers, points_per_image and init_images must be >= 0 "
-                        "(image_every 0: no sample grids; init_images 0: one batch)")
-    for key, allowed in (("target_sampling", ("point", "area")), ("loss_norm", ("batch", "pixel")),
-                         ("init", INIT_MODES)):
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(cfg, key)}'")
-    if list(cfg.lr_steps) != sorted(cfg.lr_steps):
-        raise UserError(f"lr_steps must be increasing, got {list(cfg.lr_steps)}")
-    if cfg.lr_values and (len(cfg.lr_values) != len(cfg.lr_steps) + 1 or cfg.lr_values[0] != cfg.lr):
-        raise UserError(f"lr_values needs one lr per segment of lr_steps ({len(cfg.lr_steps) + 1}), the first equal "
-                        f"to lr ({cfg.lr}); got {list(cfg.lr_values)}")
+def check_config(cfg: PretextConfig) -> PretextConfig:
+    """Every key's declared limits and the combinations (:meth:`PretextConfig.validate`); one-line errors."""
+    return validate_config(cfg)
+
+
+def _agree(fn, device):
+    """``fn()`` on every process; a :class:`UserError` on any of them stops all of them (no rank is left waiting in
+    a collective)."""
+    error, out = None, None
+    try:
+        out = fn()
+    except UserError as e:
+        error = e
+    if any_process([error is not None], device)[0]:
+        raise error or UserError("refused by another process (see its error)")
+    return out
+
+
+def load_target(cfg: PretextConfig) -> tuple[Optional[dict], Target]:
+    """The prior (if set) and the training target, with one-line errors (k above the number of bins, ...)."""
+    from .prior import load_prior
+
+    prior = load_prior(cfg.prior) if cfg.prior else None
+    if prior is not None and cfg.k > prior["bins"].shape[0]:
+        raise UserError(f"config key 'k': {cfg.k} neighbours, but the prior {cfg.prior} has "
+                        f"{prior['bins'].shape[0]} bins")
+    try:
+        return prior, build_target(cfg, prior)
+    except ValueError as e:
+        raise UserError(f"target of loss '{cfg.loss}': {e}") from None
+
+
+def check_model(cfg: PretextConfig, target: Target) -> None:
+    """Build the network on the meta device (shapes only, no memory) and run one training forward at the configured
+    size: unknown or impossible ``model_kwargs`` (a negative width), a crop the network cannot take (a timm ViT of
+    another size) or sampled points for a network without them are refused before anything is allocated."""
+    kwargs = model_kwargs(cfg, target)
+    pretrained = kwargs.get("pretrained")
+    if pretrained and not Path(str(pretrained)).is_file():
+        raise UserError(f"model_kwargs.pretrained {pretrained}: file not found")
+    meta_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
+    what = f"model '{cfg.model}' with {kwargs}"
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op": the error says it
+            net = models.create_model(cfg.model, **meta_kwargs).train()
+            empty = [n for n, p in net.named_parameters() if p.numel() == 0]
+            if empty:
+                raise UserError(f"{what}: layer '{empty[0]}' has no weights (a width of 0?)")
+            if cfg.points_per_image > 0 and not getattr(net, "supports_points", False):
+                raise UserError(f"points_per_image: {cfg.model} does not train on sampled points "
+                                "(vgg16_hypercolumn does); set points_per_image=0")
+            x = torch.zeros(2, 1, cfg.size, cfg.size)
+            out, ab_t = output_and_targets(net, x, torch.zeros(2, 2, cfg.size, cfg.size), cfg, None)
+    except UserError:
+        raise
+    except NotImplementedError as e:  # an operator without a meta kernel: the real build will tell
+        log.debug("meta-device check of %s skipped: %s", what, e)
+        return
+    except Exception as e:  # noqa: BLE001 - whatever a builder raises for the user's model settings
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "meta" in msg.lower():  # the network reads tensor values (e.g. .item()) while built: check skipped
+            log.debug("meta-device check of %s skipped: %s", what, msg)
+            return
+        raise UserError(f"{what} at size {cfg.size}: {msg}") from None
+    if out.shape[1] != target.out_channels:
+        raise UserError(f"{what}: {out.shape[1]} output channels, the target {target.name} needs "
+                        f"{target.out_channels}")
+
+
+def check_resumable(ckpt: dict, path, cfg: PretextConfig, target: Target, allow_change: bool) -> None:
+    """``ckpt`` is a pretext checkpoint of this network, and the config keeps its recipe (:data:`GUARDED`)."""
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not a crosschannel pretext checkpoint (format {ckpt.get('format')!r}, expected "
+                        f"{FORMAT!r})")
+    have = (ckpt.get("model_name"), ckpt.get("model_kwargs"))
+    want = (cfg.model, model_kwargs(cfg, target))
+    if have != want:
+        raise UserError(f"{path} holds a {have[0]} network {have[1]}; this config builds {want[0]} {want[1]}: its "
+                        "weights cannot be loaded (resume with the checkpoint's config, or start a new run)")
+    if ckpt.get("config") is not None:
+        changes = config_changes(ckpt["config"], config_to_dict(cfg))
+        guarded = [k for k in changes if k in GUARDED]
+        if guarded and not allow_change:
+            what = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in guarded)
+            raise UserError(f"resuming {path} with a changed config ({what}); pass --allow-config-change to continue "
+                            "anyway (recorded in config_history.jsonl)")
+
+
+def record_resume(ckpt: dict, path: str, cfg: PretextConfig, allow_change: bool) -> None:
+    """Main process, run folder locked: record config changes (``config_history.jsonl``; ``config.yaml`` is rewritten
+    only then, saying so), and keep the log of the steps up to the checkpoint's (the steps redone are dropped, and a
+    torn last line). A checkpoint from elsewhere (``--force``) puts the folder's old log aside."""
+    out_dir = Path(cfg.out_dir)
+    step = int(ckpt["step"])
+    changes = check_resume_config(ckpt.get("config") or config_to_dict(cfg), config_to_dict(cfg), GUARDED,
+                                  allow_change, out_dir, step)
+    if changes or not (out_dir / "config.yaml").is_file():
+        save_config(cfg, out_dir)
+        if changes:
+            text = (out_dir / "config.yaml").read_text()
+            atomic_write_text(out_dir / "config.yaml", f"# resumed at step {step} with changes to "
+                              f"{', '.join(changes)}; the values before: config_history.jsonl\n{text}")
+    logf = out_dir / "log.jsonl"
+    if Path(path).resolve() != checkpoint_path(cfg).resolve() and logf.is_file():
+        aside = out_dir / f"log.replaced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        logf.rename(aside)
+        log.warning("resuming from %s: the log of the run this folder held is now %s", path, aside.name)
+    dropped = truncate_jsonl(logf, step)
+    if dropped:
+        log.info("log.jsonl: dropped %d record(s) of steps after the checkpoint's step %d (they are redone)",
+                 dropped, step)
 
 
 def init_batch(cfg: PretextConfig, dataset, target: Target, device: torch.device) -> torch.Tensor:
@@ -505,7 +719,7 @@ def init_batch(cfg: PretextConfig, dataset, target: Target, device: torch.device
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     items = [(i, (cfg.seed * 7_919 + j) % (2**63 - 1)) for j, i in enumerate(order[:n])]
     loader = torch.utils.data.DataLoader(dataset, batch_size=n, sampler=items, num_workers=cfg.workers,
-                                         collate_fn=dataset.collate_fn)
+                                         collate_fn=dataset.collate_fn, worker_init_fn=ignore_stop_signals)
     rgb, ok, grey = next(iter(loader))
     rgb, ok, _ = batch_to_device(rgb, ok, grey, device)
     lab = rgb_to_lab(rgb)
@@ -535,27 +749,18 @@ def initialise(cfg: PretextConfig, model: torch.nn.Module, x: torch.Tensor) -> d
     return report
 
 
-def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device: torch.device) -> int:
-    check_config(cfg)
+def _run(cfg: PretextConfig, resume: Optional[str], ckpt: Optional[dict], dataset, prior: Optional[dict],
+         target: Target, dist_info: DistInfo, device: torch.device, stop: GracefulStop) -> int:
     out_dir = Path(cfg.out_dir)
-    setup_logging(out_dir if dist_info.is_main else None, dist_info.is_main)
-    resume = resolve_resume(resume, checkpoint_path(cfg))
-    if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if dist_info.is_main and ckpt is None:
         save_config(cfg, out_dir)
     seed_everything(cfg.seed + dist_info.rank)
-
-    from .prior import load_prior
-
-    prior = load_prior(cfg.prior) if cfg.prior else None
-    target = build_target(cfg, prior)
     kwargs = model_kwargs(cfg, target)
     try:
         model = models.create_model(cfg.model, **kwargs).to(device)
     except (ValueError, TypeError) as e:
         raise UserError(f"model '{cfg.model}' with {kwargs}: {e}") from None
-    dataset = get_dataset(cfg, device)
-    if not resume and cfg.init != "default":  # step 0 only: a resumed run loads its weights
+    if ckpt is None and cfg.init != "default":  # step 0 only: a resumed run loads its weights
         initialise(cfg, model, init_batch(cfg, dataset, target, device))
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -564,12 +769,13 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     points_gen = torch.Generator().manual_seed(cfg.seed * 31 + dist_info.rank)
     state = dict(step=0, epoch=0, batch_in_epoch=0, skipped=0, grey=0)
-    if resume:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("format") != FORMAT:
-            raise UserError(f"{resume}: not a crosschannel pretext checkpoint")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{resume}: its weights do not fit this network "
+                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         states = ckpt["rng_per_rank"]
@@ -599,16 +805,20 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
     if cfg.tensorboard and dist_info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        # events of the steps after the checkpoint's (redone now) are purged, as in log.jsonl
+        purge = state["step"] + 1 if (out_dir / "tensorboard").is_dir() else None
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
     grid_rgb = grid_batch(cfg, cfg.num_grid_images) if dist_info.is_main and cfg.image_every > 0 else None
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (dist_info.is_main and cfg.progress))
     t_start = time.time()
     done = state["step"] >= cfg.max_steps
-    # the sampler runs in the main process, so workers can persist across epochs (set_epoch still applies)
+    # the sampler runs in the main process, so workers can persist across epochs (set_epoch still applies); workers
+    # ignore stop signals: the main process finishes its step, writes the checkpoint and shuts them down
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=cfg.workers > 0, collate_fn=dataset.collate_fn)
+                                         persistent_workers=cfg.workers > 0, collate_fn=dataset.collate_fn,
+                                         worker_init_fn=ignore_stop_signals)
     while not done:
         start_batch = state["batch_in_epoch"]
         if start_batch >= sampler.batches_per_epoch:
@@ -616,7 +826,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
             start_batch = 0
         sampler.set_epoch(state["epoch"], start_batch)
         done = train_one_epoch(model, optimizer, scaler, loader, target, prior, cfg, state, dist_info, device,
-                               amp_dtype, points_gen, logger, writer, bar, grid_rgb, t_start)
+                               amp_dtype, points_gen, logger, writer, bar, grid_rgb, t_start, stop)
         if not done:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()
@@ -626,6 +836,13 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
             writer.close()
         if state["skipped"]:
             log.warning("%d unreadable images were skipped (see warnings above)", state["skipped"])
+    if state.get("stopped"):
+        if dist_info.is_main:
+            log.warning("stopped by %s at step %d (checkpoint %s); resume with: %s",
+                        stop.name or "a signal to another process", state["step"], checkpoint_path(cfg),
+                        resume_command())
+        return stop.exit_code  # 0 on a process that only followed the others
+    if dist_info.is_main:
         log.info("done: step %d, checkpoint %s", state["step"], checkpoint_path(cfg))
     return 0
 

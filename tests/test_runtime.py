@@ -297,3 +297,42 @@ def test_os_errors_become_one_line(capsys):
     assert run_entry(main, argparse.ArgumentParser("prog"), []) == 1
     err = capsys.readouterr().err
     assert err == "prog: error: /data/run/checkpoint.pth: No space left on device\n"
+
+
+def test_resume_command_replaces_the_resume_flags(tmp_path, monkeypatch):
+    import shlex
+    from pathlib import Path
+
+    from pretext.runtime import resume_command
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    train_py = str(Path(__file__).resolve().parents[1] / "pretext" / "train.py")
+    cmd = shlex.split(resume_command([train_py, "--set", "out_dir=my runs/a", "--resume", "/x/other.pth", "--force",
+                                      "--allow-config-change", "--set", "lr=1e-3"]))
+    assert cmd[1:] == ["-m", "pretext.train", "--set", "out_dir=my runs/a", "--set", "lr=1e-3", "--resume"]
+    assert cmd[0] in ("python", sys.executable)
+    assert resume_command(["/usr/local/bin/crosschannel", "pretrain", "--resume", "--set", "k=5"]) == \
+        "crosschannel pretrain --set k=5 --resume"
+    assert resume_command(["/usr/local/bin/crosschannel", "pretrain", "--resume=a.pth"]) == \
+        "crosschannel pretrain --resume"
+
+
+def test_failed_checkpoint_write_is_an_os_error_naming_the_file(tmp_path):
+    import resource
+    import signal
+
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"w": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # writes past 100 kB fail (EFBIG), like a full disk
+    try:
+        with pytest.raises(OSError) as e:
+            save_checkpoint({"w": torch.zeros(1_000_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert e.value.filename == str(path) and "cannot write the checkpoint" in e.value.strerror
+    assert "previous checkpoint" in e.value.strerror
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
