@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from . import models
 from .color import gray_rgb, rgb_to_lab
-from .data import ImageDataset, TrainCrops, batch_to_device, eval_transform, list_images, resolve_decode
+from .data import (ImageDataset, TrainCrops, batch_to_device, eval_transform, first_usable, list_images,
+                   resolve_decode)
 from .encoding import subsample_ab
 from .predict import colorize_rgb
 from .targets import TARGETS, Target
@@ -156,7 +157,8 @@ class ShardedSampler(torch.utils.data.Sampler):
 
 
 def get_dataset(cfg: PretextConfig, device: Optional[torch.device] = None) -> TrainCrops:
-    """Training crops as uint8, seeded per sample by the sampler's ``(index, seed)`` items."""
+    """Training crops as uint8, seeded per sample by the sampler's ``(index, seed)`` items. Refused (before any run
+    folder exists) when no listed image decodes with colour: files are tried in order until one does."""
     if not cfg.data:
         raise UserError("no training data: set 'data' in the config or --set data=/path/to/images")
     paths = list_images(cfg.data)
@@ -164,6 +166,11 @@ def get_dataset(cfg: PretextConfig, device: Optional[torch.device] = None) -> Tr
         paths = paths[: cfg.max_images]
     if not paths:
         raise UserError(f"no images found in {', '.join(cfg.data)}")
+    usable, counts = first_usable(paths)
+    if usable is None:
+        example = f"; e.g. {counts['example']}" if counts["example"] else ""
+        raise UserError(f"no usable training image in {', '.join(cfg.data)}: {counts['unreadable']} unreadable, "
+                        f"{counts['grey']} grey of {len(paths)}{example}")
     decode = resolve_decode(cfg.decode, device if device is not None else torch.device("cpu"))
     return TrainCrops(paths, cfg.size, cfg.crop, cfg.crop_scale_min, decode=decode)
 
@@ -397,7 +404,9 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
         sync_ctx = model.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
             res = train_step(model, rgb, ok, target, cfg, amp_dtype, scaler, points_gen)
-        state["skipped"] += int((~ok).sum())
+        for path, reason in loader.dataset.report_unreadable():  # each file once, replaced by the next readable one
+            log.warning("unreadable training image %s (%s): replaced by the next readable file", path, reason)
+        state["skipped"] = loader.dataset.num_unreadable() + int((~ok).sum())  # distinct files (+ device failures)
         state["grey"] += int((ok & ~res.valid).sum())  # readable, but no target cell has colour
         state["batch_in_epoch"] += 1
         window_imgs += rgb.shape[0] * dist_info.world_size
@@ -625,7 +634,8 @@ def _run(cfg: PretextConfig, resume: Optional[str], dist_info: DistInfo, device:
         if writer is not None:
             writer.close()
         if state["skipped"]:
-            log.warning("%d unreadable images were skipped (see warnings above)", state["skipped"])
+            log.warning("%d unreadable image files were replaced by readable ones (listed above and in log.txt)",
+                        state["skipped"])
         log.info("done: step %d, checkpoint %s", state["step"], checkpoint_path(cfg))
     return 0
 
