@@ -55,6 +55,26 @@ def test_directory_symlinks_are_followed_and_loops_end(tmp_path, shared_data):
         [root / "own" / f.name for f in own] + [root / "own" / "loop" / "linked" / "more" / f.name for f in outside])
 
 
+def test_pretrain_and_colorize_follow_symlinked_folders(tmp_path, shared_data, tiny_ckpt, capsys):
+    from pretext.colorize import get_args_parser, main
+    from pretext.runtime import run_entry
+    from pretext.train import PretextConfig, get_dataset
+
+    root = tmp_path / "data"
+    own = _copy(_photos(shared_data, 1), root / "own")
+    linked = _copy(_photos(shared_data, 3)[1:], tmp_path / "elsewhere")
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "own" / "loop").symlink_to(root, target_is_directory=True)
+    ds = get_dataset(PretextConfig(data=[str(root)], max_steps=1))
+    assert ds.paths == sorted([root / "linked" / f.name for f in linked] + [root / "own" / own[0].name])
+    out = tmp_path / "out"
+    rc = run_entry(main, get_args_parser(), [str(root), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--workers", "0",
+                                             "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == sorted(
+        [f"linked/{f.name}" for f in linked] + [f"own/{own[0].name}"])  # mirrored through the link, loop ended
+
+
 def test_prior_cli_counts_images_in_symlinked_folders(tmp_path, shared_data):
     import subprocess
     import sys
