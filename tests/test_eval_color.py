@@ -267,6 +267,13 @@ def test_noise_image_and_the_rebalancing_prior_by_brute_force(tiny, photos, tmp_
     r_ship_clean = evaluate(tiny, "ab313", load_bins(), photos, None, size=SIZE, eval_size=EVAL)
     assert r_ship_clean["gray"]["auc_rebal"] == pytest.approx(
         _gray_rebal_auc_by_hand(photos, shipped["probs"], shipped["bins"], EVAL), abs=1e-3)
+    # uncapped (the paper's metric), the noise's saturated pixels, rare under a prior of photographs, carry most of
+    # the weight: the report says so; capped weights keep the score near the photos' own
+    assert r_ship["rebalancing"]["rare_weight_share"] > 0.5 > r_ship_clean["rebalancing"]["rare_weight_share"]
+    assert "**Note:**" in markdown_table(r_ship) and "**Note:**" not in markdown_table(r_ship_clean)
+    r_cap_clean = evaluate(tiny, "ab313", load_bins(), photos, None, size=SIZE, eval_size=EVAL, max_weight=10.0)
+    assert abs(r_cap["gray"]["auc_rebal"] - r_cap_clean["gray"]["auc_rebal"]) < abs(
+        r_ship["gray"]["auc_rebal"] - r_ship_clean["gray"]["auc_rebal"])
 
 
 def test_rebalanced_weight_stats_by_hand():
