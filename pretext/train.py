@@ -406,7 +406,7 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
             res = train_step(model, rgb, ok, target, cfg, amp_dtype, scaler, points_gen)
         for path, reason in loader.dataset.report_unreadable():  # each file once, replaced by the next readable one
             log.warning("unreadable training image %s (%s): replaced by the next readable file", path, reason)
-        state["skipped"] = loader.dataset.num_unreadable() + int((~ok).sum())  # distinct files (+ device failures)
+        state["skipped"] = loader.dataset.num_unreadable()  # distinct files, not events
         state["grey"] += int((ok & ~res.valid).sum())  # readable, but no target cell has colour
         state["batch_in_epoch"] += 1
         window_imgs += rgb.shape[0] * dist_info.world_size
