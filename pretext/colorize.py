@@ -4,8 +4,11 @@ Inputs are files, folders (recursive) or globs, in any common format and mode (g
 CMYK; EXIF orientation applied). The network sees L resized to its input size; the predicted ab is resized back
 bilinearly and combined with the *original* full-resolution L, so every output has its input's size and
 lightness; alpha is kept where the output format has it. A folder is mirrored under OUT; a single input may be
-written to an exact file name; the output format follows the output name; an input is never overwritten. An
-unreadable file gets one line on stderr and a non-zero exit code, the others are still done.
+written to an exact file name; the output format follows the output name; an input is never overwritten. Outputs
+that exist are skipped (counted in the summary) unless ``--overwrite``; the output folder is never read as input
+(an output folder inside an input folder is left out of it), and one run at a time writes into an output folder
+(a :class:`~pretext.runtime.RunLock` on it: a second run is refused in one line naming the first). An unreadable
+file gets one line on stderr and a non-zero exit code, the others are still done.
 
 ``--checkpoint`` takes a crosschannel checkpoint or the official released ECCV16 weights (a plain state dict with
 keys ``model1.0.weight`` ... ``model8.6.weight``, ``model_out.weight``). ``--temperature`` is the annealed-mean
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -44,7 +48,7 @@ from .data import (
 )
 from .encoding import load_bins
 from .predict import compose_rgb, predict_ab_lowres, prepare_model, resize_l, to_uint8
-from .runtime import UserError, atomic_write, load_checkpoint, select_device
+from .runtime import RunLock, UserError, atomic_write, load_checkpoint, select_device
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_ALPHA = {"JPEG", "MPO", "PPM", "PCX"}  # formats that cannot store an alpha channel
@@ -187,17 +191,30 @@ def save_image(img: Image.Image, path: Path) -> None:
     atomic_write(path, lambda f: img.save(f, format=fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {})))
 
 
+def single_output_file(sources: list[str], out: str | os.PathLike) -> bool:
+    """Whether OUT is one output file (one input image and OUT an image name that is not a folder)."""
+    out = Path(out)
+    return (len(sources) == 1 and Path(sources[0]).is_file() and is_image_file(sources[0]) and is_image_file(out)
+            and not out.is_dir())
+
+
 def plan_outputs(sources: list[str], out: str | os.PathLike, ext: str | None = None) -> list[tuple[Path, Path | None]]:
     """(input, output) pairs: a folder is mirrored under OUT, files and globs land in OUT by name, and a single
     input file goes exactly to OUT when OUT has an image suffix. ``ext`` forces the output format. A source that
-    does not exist gets the output None (reported per file, like an unreadable one)."""
+    does not exist gets the output None (reported per file, like an unreadable one). The output folder is never
+    read as input: images inside it (an output folder inside an input folder) are left out, and an input folder
+    that is the output folder is refused."""
     out = Path(out)
     single_file = len(sources) == 1 and Path(sources[0]).is_file() and is_image_file(sources[0])
+    exclude = [] if single_output_file(sources, out) else [out]
+    for s in sources:
+        if Path(s).is_dir() and out.exists() and os.path.realpath(s) == os.path.realpath(out):
+            raise UserError(f"-o {out} is the input folder {s}: choose another output folder")
     pairs: list[tuple[Path, Path | None]] = []
     for s in sources:
         root = Path(s) if Path(s).is_dir() else None
         try:
-            files = list_images([s])
+            files = list_images([s], exclude=exclude)
         except UserError:
             pairs.append((Path(s), None))
             continue
@@ -230,11 +247,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="out-of-gamut colours: reduce chroma (keeps L exactly) or clip RGB like the reference demo")
     p.add_argument("--ext", default=None, help="force the output format by suffix, e.g. .png")
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that exist (default: skip them, counted in the summary)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+SIZE_RANGE = (32, 2048)  #: accepted network input sizes (below: too little context; above: memory, not quality)
+
+
+def check_args(args) -> None:
+    """Refuse bad values in one line before anything is loaded or created."""
+    lo, hi = SIZE_RANGE
+    if args.size is not None and not lo <= args.size <= hi:
+        raise UserError(f"--size {args.size}: the network input size must be between {lo} and {hi} pixels")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0: the mode, 1: the mean, 0.38 as the paper)")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be >= 0 (0: decode in this process)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+
+
 def main(args) -> int:
+    check_args(args)
     ext = None if args.ext is None else ("." + args.ext.lstrip(".")).lower()
     if ext is not None and _pil_format(Path("x" + ext)) is None:
         raise UserError(f"--ext {args.ext}: unknown image format")
@@ -243,9 +279,17 @@ def main(args) -> int:
         raise UserError(f"{' '.join(args.inputs)}: no images found")
     device = select_device(args.device)
     col = load_colorizer(args.checkpoint, device)
-    size = args.size or col.input_size
+    if single_output_file(args.inputs, args.output):
+        return _colorize_all(args, pairs, col, device)
+    # one run at a time per output folder: a second run gets one line naming the holder instead of interleaving
+    with RunLock(args.output):
+        return _colorize_all(args, pairs, col, device)
 
+
+def _colorize_all(args, pairs, col: Colorizer, device) -> int:
+    size = args.size or col.input_size
     failed: list[str] = []
+    skipped = 0
     bar = tqdm(total=len(pairs), unit="img", desc="colorize", disable=args.no_progress or len(pairs) < 2, file=sys.stderr)
 
     def fail(path, reason):
@@ -265,6 +309,9 @@ def main(args) -> int:
             fail(f, f"output {o}: unknown image format (use --ext)")
         elif key in seen:
             fail(f, f"output {o} is also the output of {seen[key]}; skipped")
+        elif o.exists() and not args.overwrite:
+            skipped += 1
+            bar.update(1)
         else:
             seen[key] = f
             todo.append((f, o))
@@ -293,8 +340,10 @@ def main(args) -> int:
             bar.update(1)
     bar.close()
     dt = time.time() - t0
+    notes = ([f"{skipped} skipped: output exists, --overwrite replaces"] if skipped else []) + (
+        [f"{len(failed)} failed"] if failed else [])
     print(f"colorized {done}/{len(pairs)} images in {dt:.1f}s -> {args.output}"
-          + (f" ({len(failed)} failed)" if failed else ""))
+          + (f" ({'; '.join(notes)})" if notes else ""))
     return 1 if failed else 0
 
 

@@ -3,7 +3,13 @@
 Every colour image is desaturated (only its L is kept), colorized, and compared with the original:
 
 * Zhang et al. 2016, Table 1: AuC of the CMF of the per-pixel ab L2 error over thresholds 0..150 (normalised to
-  100), and the class-rebalanced AuC (pixels weighted by 1 / prior of their ground-truth bin, lambda = 0);
+  100), and the class-rebalanced AuC (pixels weighted by 1 / prior of their ground-truth bin, lambda = 0; by default
+  capped at 10 x the mean weight, a departure from the paper's uncapped weights that keeps one odd image from
+  owning the score; ``--max-weight 0`` gives the paper's uncapped weights, ``--max-weight W`` another cap). The prior is that of the training data, not of the evaluated
+  images: the checkpoint's (or its config's prior file), else the shipped one (``pretext/data/prior_sample.npz``),
+  or ``--prior FILE``; ``--prior-source evaluated`` estimates it from the evaluated images as before (then one
+  random-noise image among 45 photos gives its saturated bins a tiny prior and dominates the score). The report
+  names the prior and the share of the weight carried by pixels of bins the prior considers rare;
 * Larsson et al. 2016: PSNR of the 8-bit RGB result (peak 255), RMSE of ab (Lab units) and MSE of 8-bit RGB;
 * optionally the top-1/top-5 accuracy of a classifier on ground-truth, grey and recolorized images of an
   ImageNet-layout folder (Zhang's "VGG Top-1" column);
@@ -46,6 +52,7 @@ from .data import UnreadableImage
 from .encoding import SoftEncoder, gaussian_smooth_prior, load_bins
 from .metrics import (
     MAX_THRESHOLD,
+    RARE_FACTOR,
     ab_l2_error,
     auc_from_cmf,
     auc_trapezoid_from_cmf,
@@ -55,6 +62,7 @@ from .metrics import (
     mse,
     psnr_from_mse,
     rebalanced_cmf,
+    rebalanced_weight_stats,
     rmse_ab,
     topk_correct,
 )
@@ -63,6 +71,7 @@ from .published import published
 from .runtime import UserError, atomic_write_text, log, select_device, setup_logging
 
 METHODS = ("model", "gray", "random")
+DEFAULT_MAX_WEIGHT = 10.0  #: cap of the rebalancing weights (x their mean under the prior); the paper: uncapped
 NETWORK_SIZE = 256  #: network input of every model (richzhang/colorization train/readme: "full 256x256 resolution")
 AUC_SHOW_BOTH = 0.1  #: the table shows the trapezoid AuC too where it differs from the mean by more than this
 PUBLISHED_BENCHMARK = "eval_color"
@@ -156,12 +165,12 @@ class _Scores:
                                  psnr=psnr_from_mse(m))
         return out8
 
-    def summary(self, prior: torch.Tensor) -> dict:
+    def summary(self, prior: torch.Tensor, max_weight: float | None = None) -> dict:
         if not self.per_image:
             return dict(auc=math.nan, auc_rebal=math.nan, auc_trapz=math.nan, auc_rebal_trapz=math.nan, psnr=math.nan,
                         rmse=math.nan, mse=math.nan, cmf=[], cmf_rebal=[])
         cmf = cmf_from_histogram(self.hist.sum(0))
-        cmf_r = rebalanced_cmf(self.hist, prior)
+        cmf_r = rebalanced_cmf(self.hist, prior, max_weight)
         vals = list(self.per_image.values())
         return dict(auc=auc_from_cmf(cmf), auc_rebal=auc_from_cmf(cmf_r), auc_trapz=auc_trapezoid_from_cmf(cmf),
                     auc_rebal_trapz=auc_trapezoid_from_cmf(cmf_r),
@@ -171,19 +180,24 @@ class _Scores:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, paths: Sequence[str | os.PathLike],
-             prior_probs: torch.Tensor | None, size: int = NETWORK_SIZE, out_dir: str | os.PathLike | None = None,
+             prior_probs: torch.Tensor | str | None, size: int = NETWORK_SIZE,
+             out_dir: str | os.PathLike | None = None,
              T: float = 0.38, device: str | torch.device = "cpu", *, prior_bins: torch.Tensor | None = None,
              prior_source: str | None = None, eval_size: int = 0, batch_size: int = 8, workers: int = 0, seed: int = 0,
              classifier: torch.nn.Module | None = None, labels: Sequence[int | None] | None = None,
              autocast_dtype: torch.dtype | None = None, gamut: str = "clip", channels_last: bool = False,
              num_show: int = 4, progress: bool = False, name: str = "model",
-             random_from: Sequence[str | os.PathLike] | None = None) -> dict:
+             random_from: Sequence[str | os.PathLike] | None = None,
+             max_weight: float | None = DEFAULT_MAX_WEIGHT) -> dict:
     """Evaluate a colorizer on image files against the all-gray and random baselines (see the module docstring).
 
     Args:
         model, target, bins: the network and how to decode it (``pretext.targets``).
         paths: image files. prior_probs: (Q,) prior over ``prior_bins`` (default ``bins``) for the rebalanced
-            AuC; None computes it from the evaluated images (their ground-truth ab, Gaussian-smoothed).
+            AuC, named by ``prior_source``; None: the shipped prior (:func:`pretext.prior.load_shipped_prior`);
+            ``"evaluated"``: computed from the evaluated images (their ground-truth ab, Gaussian-smoothed).
+        max_weight: cap of the rebalancing weights 1 / p (normalised to mean 1 under the prior; default
+            :data:`DEFAULT_MAX_WEIGHT`; None: uncapped, as the paper).
         size: network input size. eval_size: downscale images whose shorter side exceeds it (0: full size).
         classifier / labels: optional classifier (ImageNet-normalised 224 input) and per-path class indices.
         gamut: how RGB is formed ('clip': Lab -> sRGB clipped, as the release; 'chroma': chroma fitting).
@@ -191,15 +205,26 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
     Returns:
         dict with 'model', 'gray', 'random' (auc, auc_rebal, auc_trapz, auc_rebal_trapz, psnr, rmse, mse, cmf,
         cmf_rebal; plus top1/top5 with a classifier), 'ground_truth', 'num_images', 'failed', 'skipped_grey',
-        'prior_source', 'random_source', 'auc_integration', 'gamut', 'published', 'images' (with 'random_from').
+        'prior_source', 'rebalancing' (prior, cap, weight shares), 'random_source', 'auc_integration', 'gamut',
+        'published', 'images' (with 'random_from').
     """
+    from .prior import load_shipped_prior
+
+    if isinstance(prior_probs, str) and prior_probs != "evaluated":
+        raise UserError(f"prior '{prior_probs}': give probabilities, None (the shipped prior) or 'evaluated'")
+    from_data = isinstance(prior_probs, str)
+    if prior_probs is None:
+        shipped = load_shipped_prior()
+        prior_probs, prior_bins, prior_source = shipped["probs"], shipped["bins"], shipped["description"]
+    if max_weight is not None and not (math.isfinite(max_weight) and max_weight > 0):
+        raise UserError(f"max weight {max_weight}: must be > 0")
     device = torch.device(device)
     model = model.eval().to(device)
     bins_dev = bins.to(device) if bins is not None else None
     gt_bins = prior_bins if prior_bins is not None else (bins.cpu() if bins is not None else load_bins())
     gt_bins = torch.as_tensor(gt_bins, dtype=torch.float32)
     Q = gt_bins.shape[0]
-    if prior_probs is not None and len(prior_probs) != Q:
+    if not from_data and len(prior_probs) != Q:
         raise UserError(f"prior has {len(prior_probs)} probabilities but {Q} bins")
     enc = SoftEncoder(gt_bins, k=1)
     paths = [Path(p) for p in paths]
@@ -292,13 +317,17 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
     for i in images:
         images[i]["random"] = scores["random"].per_image.get(i)
 
-    if prior_probs is None:
+    if from_data:
         prior = gaussian_smooth_prior(gt_counts / gt_counts.sum(), gt_bins)
-        prior_source = "computed from the evaluated images (no --prior and no prior in the checkpoint)"
+        prior_source = "computed from the evaluated images (--prior-source evaluated)"
     else:
         prior = torch.as_tensor(prior_probs, dtype=torch.float64)
         prior_source = prior_source or "given"
-    result = {m: scores[m].summary(prior) for m in METHODS}
+    result = {m: scores[m].summary(prior, max_weight) for m in METHODS}
+    # the ground-truth mass per bin as the CMF counts it (every image weighs 1): where the rebalanced weight sits
+    rebalancing = dict(prior=prior_source, max_weight=max_weight, rare_factor=RARE_FACTOR, num_bins=Q,
+                       **rebalanced_weight_stats(scores["model"].hist.sum(1), prior, max_weight))
+    rebalancing["top_bin_ab"] = gt_bins[rebalancing["top_bin"]].tolist()
     result["ground_truth"] = dict(auc=100.0, auc_rebal=100.0, auc_trapz=100.0, auc_rebal_trapz=100.0, psnr=math.inf,
                                   rmse=0.0, mse=0.0)
     if classifier is not None:
@@ -309,6 +338,7 @@ def evaluate(model: torch.nn.Module, target: str, bins: torch.Tensor | None, pat
     random_source = (f"the colours of a random training image ({len(random_from)} in --random-from, seed {seed})"
                      if random_from else f"the colours of another test image (seeded derangement, seed {seed})")
     result.update(name=name, num_images=n_ok, failed=failed, skipped_grey=grey, prior_source=prior_source,
+                  rebalancing=rebalancing,
                   size=size, eval_size=eval_size, temperature=T, seed=seed, gamut=gamut, random_source=random_source,
                   auc_integration="mean of the CMF at t = 0, 1, ..., 150 (151 samples) x 100; auc_trapz: trapezoid "
                                   "rule over [0, 150] / 150 x 100",
@@ -349,6 +379,28 @@ def _auc_differs(r: dict) -> bool:
             if m.get(b) is not None and not math.isnan(m[a]) and abs(m[a] - m[b]) > AUC_SHOW_BOTH:
                 return True
     return False
+
+
+RARE_SHARE_NOTE = 0.5  #: the report warns when rare bins carry more than this share of the rebalanced weight
+
+
+def rebalancing_notes(r: dict) -> list[str]:
+    """The report's lines on the rebalancing weights: cap, and how much weight pixels of rare bins carry."""
+    rb = r.get("rebalancing")
+    if not rb:
+        return []
+    cap = (f"capped at {rb['max_weight']:g} x the mean (--max-weight)" if rb.get("max_weight") is not None
+           else "uncapped, as the paper (--max-weight 0)")
+    lines = [f"Rebalancing weights 1 / p (normalised to 1 on average under the prior), {cap}. Rare bins (prior below "
+             f"1 / ({rb['rare_factor']:g} x {rb['num_bins']} bins)) hold "
+             f"{100 * rb['rare_mass_share']:.2f}% of the evaluated pixels and carry {100 * rb['rare_weight_share']:.1f}% "
+             f"of the rebalanced weight; the heaviest bin (ab {rb['top_bin_ab']}) alone "
+             f"{100 * rb['top_bin_weight_share']:.1f}%."]
+    if rb["rare_weight_share"] > RARE_SHARE_NOTE:
+        lines.append("**Note:** most of the rebalanced weight sits on pixels of colours the prior considers rare, so "
+                     "the rebalanced AuC mostly measures those few pixels; compare with a prior of the training data "
+                     "(--prior) or capped weights (--max-weight).")
+    return lines
 
 
 def published_table(rows: list[dict]) -> str:
@@ -397,6 +449,7 @@ def markdown_table(r: dict) -> str:
              f"RGB (PSNR, MSE, classifier, pictures): {decoding}.",
              f"Random baseline: {r.get('random_source', 'another test image')}.",
              f"Rebalanced AuC prior: {r['prior_source']}.",
+             *rebalancing_notes(r),
              "AuC: area under the CMF of per-pixel ab L2 error, thresholds 0..150, normalised to 100 (Zhang et al. 2016), "
              "integrated as the mean of the CMF at t = 0, 1, ..., 150"
              + ("; the trapezoid rule / 150 differs by more than 0.1 here and is shown beside it." if both else
@@ -507,7 +560,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="crosschannel checkpoint or official ECCV16 weights")
     p.add_argument("--data", required=True, nargs="+", help="image folder(s), files, globs or list files")
     p.add_argument("-o", "--output", default="eval_color", help="report folder")
-    p.add_argument("--prior", default=None, help="prior file from 'crosschannel prior' (default: the checkpoint's)")
+    p.add_argument("--prior", default=None, metavar="FILE",
+                   help="prior file from 'crosschannel prior' for the rebalanced AuC (default: see --prior-source)")
+    p.add_argument("--prior-source", default="auto", metavar="SOURCE",
+                   help="auto (default: --prior, else the checkpoint's training prior, else the shipped one) | "
+                        "checkpoint | shipped | evaluated (estimated from the evaluated images, the old behaviour)")
+    p.add_argument("--max-weight", type=float, default=DEFAULT_MAX_WEIGHT, metavar="W",
+                   help=f"cap the rebalancing weights 1/p at W times their mean under the prior (default "
+                        f"{DEFAULT_MAX_WEIGHT:g}; 0: uncapped, as the paper)")
     p.add_argument("--size", type=int, default=NETWORK_SIZE,
                    help=f"network input size, for every model (default {NETWORK_SIZE}, as the release evaluates)")
     p.add_argument("--random-from", default=None, nargs="+", metavar="DIR",
@@ -528,25 +588,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(args) -> int:
-    from .colorize import AMP, load_colorizer
+PRIOR_SOURCES = ("auto", "checkpoint", "shipped", "evaluated")
+
+
+def check_args(args) -> None:
+    """Refuse bad values in one line before anything is loaded or any folder created."""
+    from .colorize import SIZE_RANGE
+
+    lo, hi = SIZE_RANGE
+    if not lo <= args.size <= hi:
+        raise UserError(f"--size {args.size}: the network input size must be between {lo} and {hi} pixels")
+    if args.eval_size != 0 and not lo <= args.eval_size:
+        raise UserError(f"--eval-size {args.eval_size}: must be 0 (full size) or at least {lo} pixels")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0: the mode, 1: the mean, 0.38 as the paper)")
+    for key, least in (("max_images", 0), ("workers", 0), ("batch_size", 1)):
+        if getattr(args, key) < least:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= {least}")
+    if args.prior_source not in PRIOR_SOURCES:
+        raise UserError(f"--prior-source {args.prior_source}: must be one of {', '.join(PRIOR_SOURCES)}")
+    if args.prior and args.prior_source != "auto":
+        raise UserError(f"--prior {args.prior} and --prior-source {args.prior_source}: give one of them")
+    if not (math.isfinite(args.max_weight) and args.max_weight >= 0):
+        raise UserError(f"--max-weight {args.max_weight}: must be >= 0 (a multiple of the mean weight; 0: uncapped)")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UserError(f"-o {args.output}: is a file, not a report folder")
+
+
+def resolve_prior(args, col) -> tuple:
+    """(probs or None or 'evaluated', bins or None, description) of ``--prior`` / ``--prior-source``."""
     from .prior import load_prior
 
+    if args.prior:
+        d = load_prior(args.prior)
+        return d["probs"], d["bins"], f"{args.prior} (--prior)"
+    if args.prior_source == "evaluated":
+        return "evaluated", None, None
+    if args.prior_source in ("auto", "checkpoint") and col.prior is not None:
+        bins = col.bins.cpu() if col.bins is not None else None
+        return col.prior, bins, f"the training prior stored in the checkpoint ({args.checkpoint})"
+    if args.prior_source == "checkpoint":
+        raise UserError(f"--prior-source checkpoint: {args.checkpoint} holds no prior; give --prior FILE")
+    return None, None, None  # evaluate() loads the shipped prior and names it
+
+
+def main(args) -> int:
+    from .colorize import AMP, load_colorizer
+
+    check_args(args)
     setup_logging()
     device = select_device(args.device)
     col = load_colorizer(args.checkpoint, device, channels_last=True)
+    prior_probs, prior_bins, source = resolve_prior(args, col)
     paths = list_images(args.data)
     if not paths:
         raise UserError(f"{' '.join(args.data)}: no images found")
     if args.max_images and len(paths) > args.max_images:
         paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, args.max_images)]
-    prior_bins = prior_probs = source = None
-    if args.prior:
-        d = load_prior(args.prior)
-        prior_bins, prior_probs, source = d["bins"], d["probs"], f"{args.prior}"
-    elif col.prior is not None:
-        prior_bins = col.bins.cpu() if col.bins is not None else None
-        prior_probs, source = col.prior, f"the checkpoint ({args.checkpoint})"
     classifier = labels = None
     if args.classifier:
         classifier = load_classifier(args.classifier, args.classifier_weights)
@@ -561,7 +659,7 @@ def main(args) -> int:
                  T=args.temperature, device=device, prior_bins=prior_bins, prior_source=source, eval_size=args.eval_size,
                  batch_size=args.batch_size, workers=args.workers, seed=args.seed, classifier=classifier, labels=labels,
                  autocast_dtype=AMP[args.amp], gamut=args.gamut, channels_last=col.channels_last,
-                 progress=not args.no_progress, name=col.name, random_from=random_from)
+                 progress=not args.no_progress, name=col.name, random_from=random_from, max_weight=args.max_weight or None)
     print(markdown_table(r))
     print(f"report -> {args.output}/report.md, report.json, cmf.png, best_worst.png")
     for f in r["failed"]:

@@ -76,8 +76,9 @@ def ab_auc(pred_ab: torch.Tensor, gt_ab: torch.Tensor, weights: torch.Tensor | N
     return auc_from_cmf(cmf(pred_ab, gt_ab, weights, max_t))
 
 
-def inverse_prior_weights(prior: torch.Tensor) -> torch.Tensor:
-    """Class weights 1 / p_q (lambda = 0), normalised so that sum_q p_q w_q = 1.
+def inverse_prior_weights(prior: torch.Tensor, max_weight: float | None = None) -> torch.Tensor:
+    """Class weights 1 / p_q (lambda = 0), normalised so that sum_q p_q w_q = 1 (a pixel drawn from the prior
+    weighs 1 on average), then capped at ``max_weight`` if given (None: uncapped, as the paper).
 
     A bin with p = 0 cannot be a ground-truth bin when the prior comes from the evaluated data; for a prior from
     elsewhere it gets the largest finite weight instead of infinity (the guard of ``rebalance_weights``).
@@ -87,20 +88,51 @@ def inverse_prior_weights(prior: torch.Tensor) -> torch.Tensor:
     w = torch.where(p > 0, 1.0 / p.clamp(min=1e-300), torch.zeros_like(p))
     if (p <= 0).any():
         w = torch.where(p > 0, w, w[p > 0].max())
-    return w / (p * w).sum()
+    w = w / (p * w).sum()
+    return w if max_weight is None else w.clamp(max=max_weight)
 
 
-def rebalanced_cmf(hist_by_bin: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """CMF with every pixel weighted by 1 / p(its ground-truth bin).
+def rebalanced_cmf(hist_by_bin: torch.Tensor, prior: torch.Tensor, max_weight: float | None = None) -> torch.Tensor:
+    """CMF with every pixel weighted by 1 / p(its ground-truth bin) (:func:`inverse_prior_weights`).
 
     Args:
         hist_by_bin: (Q, max_t + 2) error histograms per ground-truth bin (unweighted mass).
         prior: (Q,) probabilities of the same bins.
+        max_weight: cap of the normalised weights (None: uncapped).
     Returns:
         (max_t + 1,) CMF.
     """
-    w = inverse_prior_weights(prior).to(hist_by_bin.device)
+    w = inverse_prior_weights(prior, max_weight).to(hist_by_bin.device)
     return cmf_from_histogram((w[:, None] * hist_by_bin.double()).sum(0))
+
+
+RARE_FACTOR = 100.0  #: a bin is rare when the prior puts less than 1 / (RARE_FACTOR Q) in it (100x below uniform)
+
+
+def rebalanced_weight_stats(mass_by_bin: torch.Tensor, prior: torch.Tensor, max_weight: float | None = None,
+                            rare_factor: float = RARE_FACTOR) -> dict:
+    """How concentrated the rebalanced AuC's weight is, for the report.
+
+    Args:
+        mass_by_bin: (Q,) ground-truth pixel mass per bin in the evaluated data (as the CMF counts it).
+        prior: (Q,) the prior of the weights. max_weight: their cap (None: uncapped).
+    Returns:
+        ``rare_weight_share``: the share of the total weight carried by pixels of rare bins (prior below
+        1 / (``rare_factor`` Q)); ``rare_mass_share``: their share of the pixels; ``top_bin``, ``top_bin_weight_share``:
+        the bin carrying most weight and its share; ``max_weight_used``: the largest weight of an occupied bin.
+    """
+    p = torch.as_tensor(prior, dtype=torch.float64)
+    p = p / p.sum()
+    m = torch.as_tensor(mass_by_bin, dtype=torch.float64)
+    wm = inverse_prior_weights(p, max_weight) * m
+    total = float(wm.sum())
+    rare = p < 1.0 / (rare_factor * len(p))
+    top = int(wm.argmax())
+    occupied = m > 0
+    return dict(rare_weight_share=float(wm[rare].sum()) / total if total > 0 else math.nan,
+                rare_mass_share=float(m[rare].sum() / m.sum()) if float(m.sum()) > 0 else math.nan,
+                top_bin=top, top_bin_weight_share=float(wm[top]) / total if total > 0 else math.nan,
+                max_weight_used=float(inverse_prior_weights(p, max_weight)[occupied].max()) if occupied.any() else math.nan)
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import functools
 import io
+import math
 import time
 from pathlib import Path
 
@@ -109,6 +110,25 @@ def load_prior(path: str | Path) -> dict:
     return d
 
 
+#: the prior shipped with the package (eval-color's default for checkpoints that carry none): the quickstart sample's
+#: training photos, ``compute_prior(list_images("pretext/sample/train"), load_bins(), size=160)`` (as the quickstart)
+SHIPPED_PRIOR = "data/prior_sample.npz"
+
+
+def shipped_prior_path() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("pretext") / SHIPPED_PRIOR))
+
+
+def load_shipped_prior() -> dict:
+    """The shipped prior (:data:`SHIPPED_PRIOR`) with a ``description`` naming it and its provenance."""
+    d = load_prior(shipped_prior_path())
+    d["description"] = (f"the shipped prior (pretext/{SHIPPED_PRIOR}: {int(d['num_images'])} colour photos of the "
+                        f"quickstart sample pretext/sample/train, {len(d['probs'])} bins, sigma {float(d['sigma']):g})")
+    return d
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("crosschannel prior", description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="+", help="image folder(s), list file(s) or glob(s)")
@@ -122,7 +142,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Refuse bad values in one line before anything is read or written."""
+    for key in ("size", "max_images", "workers"):
+        if getattr(args, key) < 0:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)}: must be >= 0")
+    if not (math.isfinite(args.sigma) and args.sigma >= 0):
+        raise UserError(f"--sigma {args.sigma}: must be >= 0 (0: no smoothing)")
+    if not (math.isfinite(args.grid) and (args.grid == 0 or args.grid >= 1)):
+        raise UserError(f"--grid {args.grid}: must be 0 (the 313-bin table) or at least 1 (ab units)")
+    out = Path(args.output)
+    if out.is_dir():
+        raise UserError(f"-o {out}: is a folder; give a file name such as {out / 'prior.npz'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"-o {out}: {parent} is a file, not a folder")
+            break
+
+
 def main(args) -> int:
+    check_args(args)
     setup_logging()
     paths = list_images(args.data)
     if not paths:

@@ -100,7 +100,8 @@ def main(args) -> int:
     model = model_from_checkpoint(ckpt).eval()
     from .eval_color import evaluate
 
-    res = evaluate(model, ckpt["target"], ckpt["bins"], held, ckpt["prior"], size=cfg.size, out_dir=run / "eval")
+    res = evaluate(model, ckpt["target"], ckpt["bins"], held, ckpt["prior"], size=cfg.size, out_dir=run / "eval",
+                   prior_source=f"{run / 'prior.npz'}, the prior of the training photos (step 1), stored in the checkpoint")
     colorized_grid(model, ckpt["target"], ckpt["bins"], held, run / "colorized.png", cfg.size)
     report = write_report(run, res, ckpt, time.time() - t0, t_train)
     print(report)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from . import models
 from .color import gray_rgb, rgb_to_lab
-from .data import ImageDataset, TrainCrops, batch_to_device, eval_transform, list_images, resolve_decode
+from .data import (ImageDataset, TrainCrops, batch_to_device, eval_transform, first_usable, list_images,
+                   resolve_decode)
 from .encoding import subsample_ab
 from .predict import colorize_rgb
 from .targets import TARGETS, Target
@@ -216,7 +217,8 @@ class ShardedSampler(torch.utils.data.Sampler):
 
 
 def get_dataset(cfg: PretextConfig, device: Optional[torch.device] = None) -> TrainCrops:
-    """Training crops as uint8, seeded per sample by the sampler's ``(index, seed)`` items."""
+    """Training crops as uint8, seeded per sample by the sampler's ``(index, seed)`` items. Refused (before any run
+    folder exists) when no listed image decodes with colour: files are tried in order until one does."""
     if not cfg.data:
         raise UserError("no training data: set 'data' in the config or --set data=/path/to/images")
     paths = list_images(cfg.data)
@@ -224,6 +226,11 @@ def get_dataset(cfg: PretextConfig, device: Optional[torch.device] = None) -> Tr
         paths = paths[: cfg.max_images]
     if not paths:
         raise UserError(f"no images found in {', '.join(cfg.data)}")
+    usable, counts = first_usable(paths)
+    if usable is None:
+        example = f"; e.g. {counts['example']}" if counts["example"] else ""
+        raise UserError(f"no usable training image in {', '.join(cfg.data)}: {counts['unreadable']} unreadable, "
+                        f"{counts['grey']} grey of {len(paths)}{example}")
     decode = resolve_decode(cfg.decode, device if device is not None else torch.device("cpu"))
     return TrainCrops(paths, cfg.size, cfg.crop, cfg.crop_scale_min, decode=decode)
 
@@ -456,7 +463,9 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
         sync_ctx = model.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
             res = train_step(model, rgb, ok, target, cfg, amp_dtype, scaler, points_gen)
-        state["skipped"] += int((~ok).sum())
+        for path, reason in loader.dataset.report_unreadable():  # each file once, replaced by the next readable one
+            log.warning("unreadable training image %s (%s): replaced by the next readable file", path, reason)
+        state["skipped"] = max(state["skipped"], loader.dataset.num_unreadable())  # distinct files, not events
         state["grey"] += int((ok & ~res.valid).sum())  # readable, but no target cell has colour
         state["batch_in_epoch"] += 1
         window_imgs += rgb.shape[0] * dist_info.world_size
@@ -499,7 +508,11 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
             state["stopped"] = True
         if step % cfg.checkpoint_every == 0 or done:
             # every rank's RNG state goes into the checkpoint, so that a resumed DDP run continues exactly
-            rng = all_gather_objects({"rng": get_rng_state(), "points_rng": points_gen.get_state()})
+            rng = all_gather_objects({"rng": get_rng_state(), "points_rng": points_gen.get_state(),
+                                      "unreadable": loader.dataset.unreadable()})
+            # the unreadable files any rank met (each rank's loader sees its own shard): counted once, kept on resume
+            state["unreadable"] = sorted(set().union(*(r.pop("unreadable") for r in rng)))
+            state["skipped"] = len(state["unreadable"])
             if dist_info.is_main:
                 save_checkpoint(make_checkpoint(cfg, model, optimizer, scaler, target, prior, state_for_ckpt(state),
                                                 rng), checkpoint_path(cfg))
@@ -512,7 +525,7 @@ def train_one_epoch(model, optimizer, scaler, loader, target: Target, prior: Opt
 
 
 def state_for_ckpt(state: dict) -> dict:
-    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped", "grey")}
+    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped", "grey", "unreadable")}
 
 
 def save_grid(model, rgb, target: Target, cfg, step, writer) -> None:
@@ -768,7 +781,7 @@ def _run(cfg: PretextConfig, resume: Optional[str], ckpt: Optional[dict], datase
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     points_gen = torch.Generator().manual_seed(cfg.seed * 31 + dist_info.rank)
-    state = dict(step=0, epoch=0, batch_in_epoch=0, skipped=0, grey=0)
+    state = dict(step=0, epoch=0, batch_in_epoch=0, skipped=0, grey=0, unreadable=[])
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -785,7 +798,9 @@ def _run(cfg: PretextConfig, resume: Optional[str], ckpt: Optional[dict], datase
         else:
             log.warning("checkpoint written by %d processes, resuming with %d: RNG streams restart from the seed",
                         len(states), dist_info.world_size)
-        state.update({k: ckpt[k] for k in state})
+        state.update({k: ckpt[k] for k in state if k in ckpt})
+        dataset.restore_unreadable(state["unreadable"])  # already logged by the earlier run; still counted
+        state["skipped"] = max(state["skipped"], dataset.num_unreadable())
         log.info("resumed from %s at step %d", resume, state["step"])
     if dist_info.enabled:
         if cfg.sync_bn and device.type == "cuda":
@@ -835,7 +850,8 @@ def _run(cfg: PretextConfig, resume: Optional[str], ckpt: Optional[dict], datase
         if writer is not None:
             writer.close()
         if state["skipped"]:
-            log.warning("%d unreadable images were skipped (see warnings above)", state["skipped"])
+            log.warning("%d unreadable image files were replaced by readable ones (listed above and in log.txt)",
+                        state["skipped"])
     if state.get("stopped"):
         if dist_info.is_main:
             log.warning("stopped by %s at step %d (checkpoint %s); resume with: %s",

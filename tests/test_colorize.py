@@ -1,5 +1,6 @@
 """``crosschannel colorize``: real photos, legacy black-and-white scans, bad inputs, both checkpoint kinds."""
 import io
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def test_never_overwrites_inputs_and_exact_output_name(ckpt, tmp_path, shared_da
     src.write_bytes((shared_data / "photos" / "skimage" / "chelsea.jpg").read_bytes())
     before = src.read_bytes()
     rc, cap = _run([d, "-o", d, "--checkpoint", ckpt, "--workers", 0], capsys)
-    assert rc == 1 and "overwrite" in cap.err and src.read_bytes() == before
+    assert rc == 2 and "is the input folder" in cap.err and src.read_bytes() == before
+    assert sorted(os.listdir(d)) == ["chelsea.jpg"]
     rc, cap = _run([src, "-o", src, "--checkpoint", ckpt, "--workers", 0], capsys)
     assert rc == 1 and src.read_bytes() == before
     out = tmp_path / "exact" / "colour.webp"
@@ -223,3 +225,71 @@ def test_cli_dispatch(ckpt, tmp_path, shared_data):
     rc = cli_main(["colorize", str(shared_data / "legacy_bw" / "coins.png"), "-o", str(out), "--checkpoint", str(ckpt),
                    "--workers", "0", "--amp", "bf16"])
     assert rc == 0 and (out / "coins.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------- outputs (issue 11)
+def _two_photos(shared_data, d: Path) -> list[Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (d / name).write_bytes((shared_data / "photos" / "skimage" / name).read_bytes())
+        out.append(d / name)
+    return out
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(ckpt, tmp_path, shared_data, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _two_photos(shared_data, inp)
+    args = [inp, "-o", out, "--checkpoint", ckpt, "--workers", 0, "--no-progress"]
+    rc, cap = _run(args, capsys)
+    assert rc == 0 and "colorized 2/2" in cap.out and "skipped" not in cap.out
+    (out / "chelsea.jpg").write_bytes(b"kept")  # an output that exists (e.g. from an earlier run)
+    (out / "coffee.jpg").unlink()
+    rc, cap = _run(args, capsys)
+    assert rc == 0 and "colorized 1/2" in cap.out and "1 skipped: output exists, --overwrite replaces" in cap.out
+    assert (out / "chelsea.jpg").read_bytes() == b"kept" and Image.open(out / "coffee.jpg").size == Image.open(inp / "coffee.jpg").size
+    rc, cap = _run(args + ["--overwrite"], capsys)
+    assert rc == 0 and "colorized 2/2" in cap.out and "skipped" not in cap.out
+    assert Image.open(out / "chelsea.jpg").size == Image.open(inp / "chelsea.jpg").size  # replaced
+
+
+def test_output_folder_inside_the_input_folder_is_never_read(ckpt, tmp_path, shared_data, capsys):
+    inp = tmp_path / "photos"
+    _two_photos(shared_data, inp)
+    out = inp / "colorized"
+    for k in range(2):  # the second run must not colorize the first run's outputs (no photos/colorized/colorized/)
+        rc, cap = _run([inp, "-o", out, "--checkpoint", ckpt, "--workers", 0, "--no-progress", "--overwrite"], capsys)
+        assert rc == 0 and "colorized 2/2" in cap.out, (k, cap.out, cap.err)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["chelsea.jpg", "coffee.jpg"]
+    # also when the output folder is reached through a glob or a list file
+    rc, cap = _run([str(inp / "**" / "*.jpg"), "-o", out, "--checkpoint", ckpt, "--workers", 0, "--no-progress"], capsys)
+    assert rc == 0 and "0/2" in cap.out and "2 skipped" in cap.out
+
+
+def test_second_run_into_a_busy_output_folder_is_refused(ckpt, tmp_path, shared_data, refused_in_one_line):
+    """Two runs into one folder would interleave two models' outputs: the folder is locked (``RunLock``, flock) for
+    the duration of a run, and a second run is refused in one line naming the holder; nothing is written."""
+    from pretext.runtime import RunLock
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _two_photos(shared_data, inp)
+    with RunLock(out):  # a run in progress (this process holds the lock)
+        refused_in_one_line(["colorize", inp, "-o", out, "--checkpoint", ckpt, "--workers", 0, "--no-progress"],
+                            expect=["in use by another run", f"pid {os.getpid()}"])
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--size", "7"], "--size 7"),
+    (["--size", "-5"], "--size -5"),
+    (["--size", "100000"], "--size 100000"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--ext", "xyz"], "--ext xyz"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_arguments_are_refused_in_one_line(ckpt, tmp_path, shared_data, refused_in_one_line, bad, expect):
+    out = tmp_path / "out"
+    refused_in_one_line(["colorize", shared_data / "photos" / "skimage" / "chelsea.jpg", "-o", out, "--checkpoint", ckpt,
+                         *bad], expect=expect, must_not_exist=[out])

@@ -57,7 +57,7 @@ def test_evaluate_report(tiny, photos, tmp_path, shared_data):
     r = evaluate(tiny, "ab313", load_bins(), paths, None, size=SIZE, out_dir=tmp_path / "rep", eval_size=EVAL, batch_size=3)
     assert r["num_images"] == len(photos)
     assert len(r["failed"]) == 1 and "broken.jpg" in r["failed"][0]
-    assert len(r["skipped_grey"]) == 1 and "computed from the evaluated images" in r["prior_source"]
+    assert len(r["skipped_grey"]) == 1 and "shipped prior" in r["prior_source"]  # no prior given: the shipped one
     for m in ("model", "gray", "random"):
         for k in ("auc", "auc_rebal", "psnr", "rmse"):
             assert math.isfinite(r[m][k]), (m, k)
@@ -206,3 +206,143 @@ def test_cli_with_prior_and_classifier(tiny, tmp_path, shared_data, capsys):
     # a classifier without weights is a user error naming the flag, not a download
     rc = run_entry(main, get_args_parser(), ["--checkpoint", str(ck), "--data", str(data), "--classifier", "resnet18"])
     assert rc == 2 and "--classifier-weights" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- rebalancing prior (issue 11)
+def _noise_image(path: Path, size=(96, 128), seed=0) -> Path:
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _gray_rebal_auc_by_hand(paths, probs, bins, eval_size, max_weight=None) -> float:
+    """Zhang et al.'s rebalanced AuC of the all-gray prediction, by brute force: every pixel's ground-truth bin is
+    its nearest bin (full distance table), its weight 1/p of that bin (normalised to mean 1 under the prior,
+    capped), each image's pixels share a mass of 1, and the CMF is read at t = 0..150 from the sorted errors."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=np.float64)
+    p = p / p.sum()
+    w = np.where(p > 0, 1 / np.where(p > 0, p, 1), 0.0)
+    w = np.where(p > 0, w, w.max())
+    w = w / (p * w).sum()
+    if max_weight is not None:
+        w = np.minimum(w, max_weight)
+    errs, mass = [], []
+    for path in paths:
+        ab = _lab_at(path, eval_size)[1:].reshape(2, -1).T.double().numpy()
+        q = ((ab[:, None, :] - np.asarray(bins, dtype=np.float64)[None]) ** 2).sum(-1).argmin(1)
+        errs.append(np.ceil(np.sqrt((ab.astype(np.float32) ** 2).sum(1))))  # gray: the error is |ab|
+        mass.append(w[q] / len(q))
+    e, m = np.concatenate(errs), np.concatenate(mass)
+    return float(100 * np.mean([m[e <= t].sum() / m.sum() for t in range(151)]))
+
+
+def test_noise_image_and_the_rebalancing_prior_by_brute_force(tiny, photos, tmp_path):
+    """One random-noise image among photos: with the prior estimated from the evaluated images (the old default)
+    the noise's saturated bins get a tiny prior and a huge weight; the default is now a prior that does not depend
+    on the evaluated images (shipped or the training data's), and the weights can be capped. Every number is checked
+    against a brute-force computation."""
+    from pretext.prior import load_shipped_prior
+
+    noise = _noise_image(tmp_path / "noise.png")
+    shipped = load_shipped_prior()
+    with_noise = photos + [noise]
+    r_ship = evaluate(tiny, "ab313", load_bins(), with_noise, None, size=SIZE, eval_size=EVAL, max_weight=None)
+    assert "shipped prior" in r_ship["prior_source"] and "shipped prior" in r_ship["rebalancing"]["prior"]
+    assert r_ship["gray"]["auc_rebal"] == pytest.approx(
+        _gray_rebal_auc_by_hand(with_noise, shipped["probs"], shipped["bins"], EVAL), abs=1e-3)
+    r_cap = evaluate(tiny, "ab313", load_bins(), with_noise, None, size=SIZE, eval_size=EVAL)  # default: cap 10
+    assert r_cap["rebalancing"]["max_weight"] == 10.0 and r_cap["rebalancing"]["max_weight_used"] <= 10.0
+    assert r_cap["gray"]["auc_rebal"] == pytest.approx(
+        _gray_rebal_auc_by_hand(with_noise, shipped["probs"], shipped["bins"], EVAL, max_weight=10.0), abs=1e-3)
+    assert r_cap["gray"]["auc"] == r_ship["gray"]["auc"]  # the cap touches the rebalanced AuC only
+    # the old behaviour: the prior estimated from the evaluated images themselves, noise included
+    r_eval = evaluate(tiny, "ab313", load_bins(), with_noise, "evaluated", size=SIZE, eval_size=EVAL, max_weight=None)
+    assert "evaluated images" in r_eval["prior_source"]
+    r_clean = evaluate(tiny, "ab313", load_bins(), photos, "evaluated", size=SIZE, eval_size=EVAL, max_weight=None)
+    assert r_eval["gray"]["auc_rebal"] < r_clean["gray"]["auc_rebal"] - 5  # one noise image drags it down
+    # a fixed prior (given or shipped) does not move when the evaluated set changes: the photos' own scores agree
+    r_ship_clean = evaluate(tiny, "ab313", load_bins(), photos, None, size=SIZE, eval_size=EVAL, max_weight=None)
+    assert r_ship_clean["gray"]["auc_rebal"] == pytest.approx(
+        _gray_rebal_auc_by_hand(photos, shipped["probs"], shipped["bins"], EVAL), abs=1e-3)
+    # uncapped (the paper's metric), the noise's saturated pixels, rare under a prior of photographs, carry most of
+    # the weight: the report says so; capped weights keep the score near the photos' own
+    assert r_ship["rebalancing"]["rare_weight_share"] > 0.5 > r_ship_clean["rebalancing"]["rare_weight_share"]
+    assert "**Note:**" in markdown_table(r_ship) and "**Note:**" not in markdown_table(r_ship_clean)
+    r_cap_clean = evaluate(tiny, "ab313", load_bins(), photos, None, size=SIZE, eval_size=EVAL)
+    assert abs(r_cap["gray"]["auc_rebal"] - r_cap_clean["gray"]["auc_rebal"]) < abs(
+        r_ship["gray"]["auc_rebal"] - r_ship_clean["gray"]["auc_rebal"])
+
+
+def test_rebalanced_weight_stats_by_hand():
+    from pretext.metrics import inverse_prior_weights, rebalanced_weight_stats
+
+    prior = torch.tensor([0.6, 0.399, 0.001, 0.0])  # Q = 4: rare below 1 / 400 = 0.0025: the last two bins
+    w = inverse_prior_weights(prior)  # 1 / p normalised: sum p w = 1; the empty bin gets the largest finite weight
+    assert float((prior * w).sum()) == pytest.approx(1.0) and w[3] == w[2] == pytest.approx(1 / 0.001 / 3)
+    mass = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    st = rebalanced_weight_stats(mass, prior)
+    total = 0.5 / 0.6 + 0.3 / 0.399 + 0.2 / 0.001
+    assert st["rare_weight_share"] == pytest.approx((0.2 / 0.001) / total)
+    assert st["rare_mass_share"] == pytest.approx(0.2) and st["top_bin"] == 2
+    capped = rebalanced_weight_stats(mass, prior, max_weight=2.0)
+    wc = [min(x, 2.0) for x in (1 / 0.6 / 3, 1 / 0.399 / 3, 1 / 0.001 / 3)]
+    assert capped["rare_weight_share"] == pytest.approx(0.2 * wc[2] / (0.5 * wc[0] + 0.3 * wc[1] + 0.2 * wc[2]))
+    assert capped["max_weight_used"] == 2.0
+
+
+def _ckpt(tmp_path, tiny, prior=None) -> Path:
+    ck = tmp_path / ("tiny_prior.pt" if prior is not None else "tiny.pt")
+    torch.save(dict(model_name="alexnet_cc", model_kwargs=dict(fc_dim=64), model=tiny.state_dict(), target="ab313",
+                    bins=load_bins(), prior=prior, input_size=SIZE, config={}, step=0), ck)
+    return ck
+
+
+def test_cli_report_names_the_prior_and_the_weight_shares(tiny, photos, tmp_path):
+    base = ["--data", *map(str, photos[:2]), "--eval-size", str(EVAL), "--size", "64", "--workers", "0", "--no-progress"]
+    cases = [([], _ckpt(tmp_path, tiny), "shipped prior"),
+             (["--prior-source", "evaluated"], _ckpt(tmp_path, tiny), "evaluated images"),
+             ([], _ckpt(tmp_path, tiny, prior=torch.full((313,), 1 / 313)), "stored in the checkpoint"),
+             (["--max-weight", "5"], _ckpt(tmp_path, tiny), "shipped prior"),
+             (["--max-weight", "0"], _ckpt(tmp_path, tiny), "shipped prior")]
+    for k, (extra, ck, name) in enumerate(cases):
+        out = tmp_path / f"r{k}"
+        assert run_entry(main, get_args_parser(), ["--checkpoint", str(ck), *base, "-o", str(out), *extra]) == 0
+        js = _load_json(out / "report.json")
+        md = (out / "report.md").read_text()
+        assert name in js["prior_source"] and name in js["rebalancing"]["prior"] and name in md
+        assert 0 <= js["rebalancing"]["rare_weight_share"] <= 1 and "of the rebalanced weight" in md
+        if extra[-2:] == ["--max-weight", "0"]:  # the paper's uncapped weights
+            assert js["rebalancing"]["max_weight"] is None and "uncapped, as the paper" in md
+        else:  # the default cap 10, or the one given
+            cap = 5 if "--max-weight" in extra else 10
+            assert js["rebalancing"]["max_weight"] == cap and f"capped at {cap} x" in md
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--size", "7"], "--size 7"),
+    (["--size", "-5"], "--size -5"),
+    (["--eval-size", "-1"], "--eval-size -1"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--max-images", "-3"], "--max-images -3"),
+    (["--max-weight", "-1"], "--max-weight -1"),
+    (["--max-weight", "nan"], "--max-weight nan"),
+    (["--prior-source", "imagenet"], "--prior-source imagenet"),
+    (["--prior-source", "checkpoint"], "holds no prior"),
+    (["--prior", "PRIOR", "--prior-source", "evaluated"], "give one of them"),
+    (["--prior", "MISSING"], "prior file not found"),
+    (["--prior", "GARBAGE"], "not a prior file"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_arguments_are_refused_in_one_line(tiny, photos, tmp_path, refused_in_one_line, bad, expect):
+    from pretext.prior import shipped_prior_path
+
+    (tmp_path / "garbage.npz").write_bytes(b"zzz")
+    subst = {"PRIOR": str(shipped_prior_path()), "MISSING": str(tmp_path / "none.npz"),
+             "GARBAGE": str(tmp_path / "garbage.npz")}
+    out = tmp_path / "report"
+    refused_in_one_line(["eval-color", "--checkpoint", _ckpt(tmp_path, tiny), "--data", photos[0], "-o", out,
+                         "--no-progress", *[subst.get(a, a) for a in bad]], expect=expect, must_not_exist=[out])

@@ -77,3 +77,39 @@ def test_load_prior_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"zzz")
     with pytest.raises(UserError, match="bad.npz: not a prior file"):
         load_prior(tmp_path / "bad.npz")
+
+
+def test_shipped_prior_is_the_quickstart_samples_prior():
+    """Provenance of pretext/data/prior_sample.npz: recomputed here from pretext/sample/train exactly as shipped."""
+    from pretext.data import list_images
+    from pretext.prior import load_shipped_prior
+    from pretext.quickstart import sample_dir
+
+    shipped = load_shipped_prior()
+    again = compute_prior(list_images(sample_dir() / "train"), load_bins(), size=160, workers=0, progress=False)
+    assert torch.equal(shipped["bins"], load_bins())
+    assert np.allclose(shipped["probs"].numpy(), again["probs"], rtol=1e-12, atol=0)
+    assert int(shipped["num_images"]) == int(again["num_images"]) and "pretext/sample/train" in str(shipped["source"])
+    assert "shipped prior" in shipped["description"] and f"{int(again['num_images'])} colour photos" in shipped["description"]
+
+
+@pytest.mark.parametrize("bad, expect", [
+    (["--size", "-1"], "--size -1"),
+    (["--sigma", "-2"], "--sigma -2"),
+    (["--sigma", "nan"], "--sigma nan"),
+    (["--grid", "0.01"], "--grid 0.01"),
+    (["--grid", "-5"], "--grid -5"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--max-images", "-1"], "--max-images -1"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_arguments_are_refused_in_one_line(tmp_path, shared_data, refused_in_one_line, bad, expect):
+    out = tmp_path / "new" / "prior.npz"
+    refused_in_one_line(["prior", shared_data / "photos" / "skimage", "-o", out, *bad], expect=expect,
+                        must_not_exist=[out.parent])
+
+
+def test_output_that_is_a_folder_or_under_a_file_is_refused(tmp_path, shared_data, refused_in_one_line):
+    (tmp_path / "afile").write_text("x")
+    refused_in_one_line(["prior", shared_data / "photos" / "skimage", "-o", tmp_path], expect="is a folder")
+    refused_in_one_line(["prior", shared_data / "photos" / "skimage", "-o", tmp_path / "afile" / "p.npz"],
+                        expect="is a file")
