@@ -158,11 +158,14 @@ def test_freeze_levels_and_bad_settings(tmp_path):
         C.freeze(model, "fc6-8")
     model.train()
     assert not model.backbone.conv1[4].training  # frozen BatchNorm keeps its statistics
-    for kv, msg in [("lr=-1", "'lr' must be a finite number"), ("batch_size=0", "'batch_size' must be > 0"),
-                    ("freeze=[fc7]", "freeze among"), ("input=rgb", "input must be one of"),
-                    ("min_scale=3", "min_scale <= max_scale"), ("rows=[supervised]", "needs torchvision weights")]:
-        with pytest.raises(UserError, match=msg):
-            C.check_config(load_config(C.ClsConfig, None, ["voc=x", "checkpoint=c", kv]))
+    for kv, msg in [("lr=-1", "'lr': must be > 0"), ("lr=nan", "'lr': must be a finite number"),
+                    ("batch_size=0", "'batch_size': must be >= 1"), ("freeze=[fc7]", "'freeze': must be one of"),
+                    ("input=rgb", "'input': must be one of"), ("min_scale=3", "min_scale <= max_scale"),
+                    ("rows=[supervised]", "needs torchvision weights"), ("workers=-1", "'workers': must be >= 0")]:
+        with pytest.raises(UserError, match=msg):  # refused while the config is read
+            load_config(C.ClsConfig, None, ["voc=x", "checkpoint=c", kv])
+    with pytest.raises(UserError, match="batch_size 6 \\(global\\) is not divisible by the 4 processes"):
+        C.check_config(load_config(C.ClsConfig, None, ["voc=x", "checkpoint=c", "batch_size=6"]), world=4)
     out = tmp_path / "never"
     with pytest.raises(UserError, match="not a VOC folder"):
         _run(["--voc", str(tmp_path / "nowhere"), "--checkpoint", str(tmp_path / "z.pth"), "--set", f"out_dir={out}"])
@@ -171,7 +174,7 @@ def test_freeze_levels_and_bad_settings(tmp_path):
 
 def test_config_files_load():
     for f in sorted((REPO / "configs" / "transfer").glob("voc07_cls_*.yaml")):
-        cfg = load_config(C.ClsConfig, f)
+        cfg = load_config(C.ClsConfig, f, ["voc=x", "checkpoint=c", "supervised=alexnet:w"])
         assert (cfg.lr, cfg.batch_size, cfg.max_iter, cfg.weight_decay, cfg.grad_clip) == (1e-3, 16, 80_000, 1e-6, 10.0)
         assert (cfg.eval_passes, cfg.crop, cfg.min_scale, cfg.max_scale) == (10, 227, 0.5, 2.0) and cfg.out_dir.endswith(f.stem)
 
@@ -186,7 +189,7 @@ def test_finetune_each_freeze_level(tmp_path, input_mode):
     argv = ["--checkpoint", str(tmp_path / "c.pth"), *tiny(voc, out, input=input_mode, freeze="[fc8,fc6-8,all]",
                                                            rescale=str(rescale).lower(), init_images=4)]
     assert _run(argv) == 0
-    cfg = load_config(C.ClsConfig, None, [a for a in argv[2:] if a != "--set"])
+    cfg = load_config(C.ClsConfig, None, [f"checkpoint={tmp_path / 'c.pth'}", *(a for a in argv[2:] if a != "--set")])
     images = C._init_batch(C.get_dataset(cfg)[0], 4, cfg.seed) if rescale else None
     torch.manual_seed(cfg.seed)
     start = C.Classifier(build_backbone(str(tmp_path / "c.pth"), rescale=rescale, images=images,
