@@ -706,21 +706,24 @@ def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_ch
     lock = None
     try:
         out_dir = Path(cfg.out_dir)
+        if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
+            lock = RunLock(out_dir).acquire()
         setup_logging(None, dist_info.is_main)
         data = get_dataset(cfg)  # a bad VOC folder is refused before the run folder is created
         check_geometry(cfg)  # so are a crop the backbone cannot take and an unreadable checkpoint
         if resume not in (None, "auto"):  # and a --resume file of another kind
             check_resumable(resume, runs[0][0], runs[0][1], cfg, out_dir, allow_change, dist_info, device, config=False)
         if dist_info.is_main:
-            lock = RunLock(out_dir).acquire()
+            lock = lock or RunLock(out_dir).acquire()
             remove_stale_tmp(out_dir)
         barrier()
         plan = []
         for row, level in runs:
             run_dir = out_dir / f"{row}_{level}"
-            done = (run_dir / "results.json").is_file() and resume is not None
-            plan.append((row, level, run_dir, None if done else resolve_resume(resume, run_dir / "checkpoint.pth", force),
-                         done))
+            latest = run_dir / "checkpoint.pth"
+            own = resume == "auto" or (resume is not None and Path(resume).resolve() == latest.resolve())
+            done = (run_dir / "results.json").is_file() and own  # finished: kept (another checkpoint: see resolve_resume)
+            plan.append((row, level, run_dir, None if done else resolve_resume(resume, latest, force), done))
         for row, level, run_dir, ckpt, _ in plan:
             if ckpt:
                 check_resumable(ckpt, row, level, cfg, run_dir, allow_change, dist_info, device)
@@ -741,6 +744,7 @@ def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_ch
                 if dist_info.is_main:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     remove_stale_tmp(run_dir)
+                    (run_dir / "results.json").unlink(missing_ok=True)  # of a run that --force replaces
                 r = run_one(cfg, row, level, run_dir, ckpt, data, dist_info, device, stop)
                 if r is None:
                     log.warning("%s received: stopped run %s at a checkpoint (%s); continue with: %s",
