@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import contextlib
 import json
+import logging
 import math
 import os
 import shlex
@@ -620,6 +622,28 @@ def get_dataset(cfg: ClsConfig) -> tuple[VOCClassification, VOCClassification]:
             VOCClassification(te_paths, te_labels, cfg, center=cfg.eval_crop == "center"))
 
 
+class _Held(logging.Handler):
+    """Holds the log records of the checks made before the run folder exists: a refused run prints its one error
+    line alone; an accepted one replays them to stderr and into ``log.txt``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_logs(held: _Held):
+    handlers = log.handlers[:]
+    log.handlers = [held]
+    try:
+        yield held
+    finally:
+        log.handlers = handlers
+
+
 def check_geometry(cfg: ClsConfig) -> None:
     """Before anything is created: each row's backbone (weights files read, no rescaling) takes a ``crop`` px crop
     to what fc8 reads (a 1x1 fc7 map for nets with fc6/fc7). Refuses a crop that is too small or too large for it,
@@ -628,7 +652,8 @@ def check_geometry(cfg: ClsConfig) -> None:
         src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
                    supervised=cfg.supervised if row == "supervised" else None,
                    random_init="gaussian" if row == "random" else None)
-        net = build_backbone(**src, input=cfg.input, rescale=False, seed=cfg.seed, fc_dim=1)  # fc_dim: random row only
+        with _held_logs(_Held()):  # what building says is said again when the run builds it
+            net = build_backbone(**src, input=cfg.input, rescale=False, seed=cfg.seed, fc_dim=1)  # fc_dim: random row
         net.eval()
         try:
             with torch.no_grad():
@@ -709,12 +734,17 @@ def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_ch
         if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
             lock = RunLock(out_dir).acquire()
         setup_logging(None, dist_info.is_main)
-        data = get_dataset(cfg)  # a bad VOC folder is refused before the run folder is created
-        check_geometry(cfg)  # so are a crop the backbone cannot take and an unreadable checkpoint
-        if resume not in (None, "auto"):  # and a --resume file of another kind
-            check_resumable(resume, runs[0][0], runs[0][1], cfg, out_dir, allow_change, dist_info, device, config=False)
+        with _held_logs(_Held()) as held:
+            data = get_dataset(cfg)  # a bad VOC folder is refused before the run folder is created
+            check_geometry(cfg)  # so are a crop the backbone cannot take and an unreadable checkpoint
+            if resume not in (None, "auto"):  # and a --resume file of another kind
+                check_resumable(resume, runs[0][0], runs[0][1], cfg, out_dir, allow_change, dist_info, device,
+                                config=False)
         if dist_info.is_main:
             lock = lock or RunLock(out_dir).acquire()
+            setup_logging(out_dir, True)
+            for record in held.records:
+                log.handle(record)
             remove_stale_tmp(out_dir)
         barrier()
         plan = []
@@ -729,7 +759,6 @@ def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_ch
                 check_resumable(ckpt, row, level, cfg, run_dir, allow_change, dist_info, device)
         if dist_info.is_main:
             save_config(cfg, out_dir)
-            setup_logging(out_dir, True)
         results = {}
         with GracefulStop() as stop:
             for row, level, run_dir, ckpt, done in plan:
