@@ -528,3 +528,15 @@ def test_resume_drops_redone_log_records_a_torn_line_and_stale_tmp_files(tmp_pat
     assert _train_iters(run_dir / "log.jsonl") == [1, 2, 3, 4]
     assert all(r.get("loss") != 9.0 for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()))
     assert not any(t.exists() for t in tmp_files)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["/x/pretext/cli.py", "transfer", "cls", "--voc", "my data/VOC2007"],
+     "python -m pretext.cli transfer cls --voc 'my data/VOC2007' --resume"),
+    (["/x/transfer/classification.py", "--resume", "/r/a b.pth", "--force", "--set", "lr=0.1"],
+     "python -m transfer.classification --force --set lr=0.1 --resume"),
+    (["/usr/bin/crosschannel", "transfer", "cls", "--resume=/r/c.pth", "--resume"], "crosschannel transfer cls --resume"),
+])
+def test_resume_command_continues_from_the_run_folder(monkeypatch, argv, expected):
+    monkeypatch.setattr(sys, "argv", argv)
+    assert C.resume_command() == expected
