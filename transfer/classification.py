@@ -17,6 +17,12 @@ One command gives Table 2's rows: ``rows`` (colorization, random, supervised) x 
 in ``out_dir/<row>_<freeze>/`` with its checkpoint, logs, ``results.json``, ``scores.csv`` (image id, 20 summed
 logits) and ``ap_per_class.png``; ``out_dir/results.{json,md}`` and ``out_dir/ap_per_class.png`` put all runs and
 the published numbers side by side. ``--resume`` skips finished runs and continues the others exactly.
+
+Every setting is checked before the run folder is created (each key's limits, the data, each row's backbone against
+the crop). The folder is locked while a run writes it. SIGTERM, SIGINT and SIGUSR1 (SLURM ``--signal=USR1@90``)
+finish the step, write a checkpoint and exit with 128 + signal, printing the command that continues with
+``--resume``. A resume refuses another run's checkpoint (``--force``) and a changed recipe (:data:`GUARDED`,
+``--allow-config-change``, then recorded in ``config_history.jsonl``), and drops the log records after the checkpoint.
 """
 from __future__ import annotations
 
