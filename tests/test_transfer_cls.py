@@ -3,8 +3,11 @@ cases; fine-tuning a pretext checkpoint at each freeze level in both input modes
 ../shared/data/voc_sample; frozen layers bit-identical; exact resume after a crash; DDP (gloo, 2 processes)."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +161,14 @@ def test_freeze_levels_and_bad_settings(tmp_path):
         C.freeze(model, "fc6-8")
     model.train()
     assert not model.backbone.conv1[4].training  # frozen BatchNorm keeps its statistics
-    for kv, msg in [("lr=-1", "'lr' must be a finite number"), ("batch_size=0", "'batch_size' must be > 0"),
-                    ("freeze=[fc7]", "freeze among"), ("input=rgb", "input must be one of"),
-                    ("min_scale=3", "min_scale <= max_scale"), ("rows=[supervised]", "needs torchvision weights")]:
-        with pytest.raises(UserError, match=msg):
-            C.check_config(load_config(C.ClsConfig, None, ["voc=x", "checkpoint=c", kv]))
+    for kv, msg in [("lr=-1", "'lr': must be > 0"), ("lr=nan", "'lr': must be a finite number"),
+                    ("batch_size=0", "'batch_size': must be >= 1"), ("freeze=[fc7]", "'freeze': must be one of"),
+                    ("input=rgb", "'input': must be one of"), ("min_scale=3", "min_scale <= max_scale"),
+                    ("rows=[supervised]", "needs torchvision weights"), ("workers=-1", "'workers': must be >= 0")]:
+        with pytest.raises(UserError, match=msg):  # refused while the config is read
+            load_config(C.ClsConfig, None, ["voc=x", "checkpoint=c", kv])
+    with pytest.raises(UserError, match="batch_size 6 \\(global\\) is not divisible by the 4 processes"):
+        C.check_config(load_config(C.ClsConfig, None, ["voc=x", "checkpoint=c", "batch_size=6"]), world=4)
     out = tmp_path / "never"
     with pytest.raises(UserError, match="not a VOC folder"):
         _run(["--voc", str(tmp_path / "nowhere"), "--checkpoint", str(tmp_path / "z.pth"), "--set", f"out_dir={out}"])
@@ -171,7 +177,7 @@ def test_freeze_levels_and_bad_settings(tmp_path):
 
 def test_config_files_load():
     for f in sorted((REPO / "configs" / "transfer").glob("voc07_cls_*.yaml")):
-        cfg = load_config(C.ClsConfig, f)
+        cfg = load_config(C.ClsConfig, f, ["voc=x", "checkpoint=c", "supervised=alexnet:w"])
         assert (cfg.lr, cfg.batch_size, cfg.max_iter, cfg.weight_decay, cfg.grad_clip) == (1e-3, 16, 80_000, 1e-6, 10.0)
         assert (cfg.eval_passes, cfg.crop, cfg.min_scale, cfg.max_scale) == (10, 227, 0.5, 2.0) and cfg.out_dir.endswith(f.stem)
 
@@ -186,7 +192,7 @@ def test_finetune_each_freeze_level(tmp_path, input_mode):
     argv = ["--checkpoint", str(tmp_path / "c.pth"), *tiny(voc, out, input=input_mode, freeze="[fc8,fc6-8,all]",
                                                            rescale=str(rescale).lower(), init_images=4)]
     assert _run(argv) == 0
-    cfg = load_config(C.ClsConfig, None, [a for a in argv[2:] if a != "--set"])
+    cfg = load_config(C.ClsConfig, None, [f"checkpoint={tmp_path / 'c.pth'}", *(a for a in argv[2:] if a != "--set")])
     images = C._init_batch(C.get_dataset(cfg)[0], 4, cfg.seed) if rescale else None
     torch.manual_seed(cfg.seed)
     start = C.Classifier(build_backbone(str(tmp_path / "c.pth"), rescale=rescale, images=images,
@@ -349,3 +355,188 @@ def test_checkpoint_written_by_pretext_train(tmp_path):
     res = json.loads((out / "colorization_all" / "results.json").read_text())
     assert res["backbone"]["model_name"] == "alexnet_cc" and res["backbone"]["step"] == 2
     assert len(res["backbone"]["rescale"]["ratios"]) == 8
+
+
+# --------------------------------------------------------------------------------------------- signals, lock, resume
+def _sample_cmd(ckpt: Path, out: Path, *extra, **kw) -> list[str]:
+    """A real subprocess on ../shared/data/voc_sample (3 VOC2012 images, labels from the XML) with a small
+    random-init pretext AlexNet (fc6/fc7 32 wide)."""
+    sets = dict(labels="xml", fallback_split="all", freeze="[all]", batch_size=3, max_iter=40, checkpoint_every=1000)
+    sets.update(kw)
+    return [sys.executable, "-m", "pretext.cli", "transfer", "cls", "--voc", str(SHARED / "voc_sample" / "bbox_detection"),
+            "--checkpoint", str(ckpt), *tiny(SHARED / "voc_sample" / "bbox_detection", out, **sets), *extra]
+
+
+def _env1() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _start_and_wait(cmd: list[str], log_file: Path, records: int = 2) -> subprocess.Popen:
+    """Start ``cmd`` and return once its log holds ``records`` lines (it is training)."""
+    p = subprocess.Popen(cmd, env=_env1(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not (
+            log_file.is_file() and len(log_file.read_text().splitlines()) >= records):
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    return p
+
+
+def _train_iters(log_file: Path) -> list[int]:
+    return [r["iter"] for r in map(json.loads, log_file.read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
+def test_sigterm_checkpoints_exits_143_and_resume_equals_an_uninterrupted_run(tmp_path):
+    write_pretext_checkpoint(tmp_path / "c.pth")
+    ref = subprocess.run(_sample_cmd(tmp_path / "c.pth", tmp_path / "ref"), env=_env1(), capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "cut"
+    run_dir = out / "colorization_all"
+    p = _start_and_wait(_sample_cmd(tmp_path / "c.pth", out), run_dir / "log.jsonl")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "SIGTERM received" in err and "continue with: python -m pretext.cli transfer cls" in last
+    assert last.endswith("--resume") and str(out) in last
+    cut = load_checkpoint(run_dir / "checkpoint.pth")["iter"]
+    assert 2 <= cut < 40 and not (run_dir / "results.json").exists()
+    # resuming with another learning rate is another experiment: refused in one line, nothing recorded
+    changed = subprocess.run(_sample_cmd(tmp_path / "c.pth", out, "--resume", lr=0.01), env=_env1(),
+                             capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
+    assert "resuming with a changed config (lr: 0.001 -> 0.01); pass --allow-config-change" in changed.stderr
+    assert not (run_dir / "config_history.jsonl").exists()
+    # the printed command continues the run, to the weights and AP of the uninterrupted run
+    done = subprocess.run(shlex.split(last.split("continue with: ", 1)[1].replace("python", sys.executable, 1)),
+                          env=_env1(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "ref" / "colorization_all" / "checkpoint.pth")
+    b = load_checkpoint(run_dir / "checkpoint.pth")
+    assert a["iter"] == b["iter"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ra = json.loads((tmp_path / "ref" / "colorization_all" / "results.json").read_text())
+    rb = json.loads((run_dir / "results.json").read_text())
+    assert ra["ap"] == rb["ap"] and rb["iterations"] == 40
+    assert _train_iters(run_dir / "log.jsonl") == list(range(1, 41))  # the redone steps are not logged twice
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
+@pytest.mark.parametrize("sig, rc", [(signal.SIGINT, 130), (signal.SIGUSR1, 138)])
+def test_sigint_and_sigusr1_also_stop_at_a_checkpoint(tmp_path, sig, rc):
+    write_pretext_checkpoint(tmp_path / "c.pth")
+    out = tmp_path / "out"
+    p = _start_and_wait(_sample_cmd(tmp_path / "c.pth", out, max_iter=400), out / "colorization_all" / "log.jsonl")
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == rc, err[-2000:]
+    assert f"{signal.Signals(sig).name} received" in err and err.strip().splitlines()[-1].endswith("--resume")
+    assert "Traceback" not in err
+    ck = load_checkpoint(out / "colorization_all" / "checkpoint.pth")
+    assert 2 <= ck["iter"] < 400 and _train_iters(out / "colorization_all" / "log.jsonl")[-1] == ck["iter"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "voc_sample").is_dir(), reason="../shared/data/voc_sample not present")
+def test_two_processes_on_one_out_dir(tmp_path):
+    """The second run into a folder in use is refused in one line naming the holder; once the holder is killed
+    (SIGKILL: no clean-up at all), its lock is gone with it and the folder can be resumed."""
+    write_pretext_checkpoint(tmp_path / "c.pth")
+    out = tmp_path / "out"
+    first = _start_and_wait(_sample_cmd(tmp_path / "c.pth", out, max_iter=100_000), out / "colorization_all" / "log.jsonl")
+    try:
+        second = subprocess.run(_sample_cmd(tmp_path / "c.pth", out, "--resume", max_iter=2), env=_env1(),
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+    assert f"{out} is in use by another run (pid {first.pid} on " in lines[0]
+    assert _train_iters(out / "colorization_all" / "log.jsonl")[0] == 1  # the holder's log, untouched
+    again = subprocess.run(_sample_cmd(tmp_path / "c.pth", out, "--resume", max_iter=2), env=_env1(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "colorization_all" / "results.json").is_file()
+
+
+def test_resume_from_another_runs_checkpoint_needs_force(tmp_path):
+    voc = voc_fixture(tmp_path, 4, 2)
+    write_pretext_checkpoint(tmp_path / "c.pth")
+    common = ["--checkpoint", str(tmp_path / "c.pth")]
+    assert _run(common + tiny(voc, tmp_path / "a", freeze="[fc8]", max_iter=1)) == 0
+    assert _run(common + tiny(voc, tmp_path / "b", freeze="[fc8]", max_iter=2, seed=1)) == 0
+    own = tmp_path / "a" / "colorization_fc8" / "checkpoint.pth"
+    other = tmp_path / "b" / "colorization_fc8" / "checkpoint.pth"
+    before = own.read_bytes()
+    with pytest.raises(UserError, match="holds another run's checkpoint; resuming from .* would overwrite it"):
+        _run(common + tiny(voc, tmp_path / "a", freeze="[fc8]", max_iter=3, seed=1) + ["--resume", str(other)])
+    assert own.read_bytes() == before
+    assert _run(common + tiny(voc, tmp_path / "a", freeze="[fc8]", max_iter=3, seed=1) + ["--resume", str(own)]) == 0
+    assert own.read_bytes() == before  # its own checkpoint of a finished run: results kept, nothing redone
+    assert _run(common + tiny(voc, tmp_path / "a", freeze="[fc8]", max_iter=3, seed=1) +
+                ["--resume", str(other), "--force"]) == 0
+    ck = load_checkpoint(own)
+    assert ck["iter"] == 3 and ck["config"]["seed"] == 1
+    assert json.loads((tmp_path / "a" / "colorization_fc8" / "results.json").read_text())["iterations"] == 3
+
+
+def test_config_change_on_resume_is_refused_unless_allowed_then_recorded(tmp_path):
+    voc = voc_fixture(tmp_path, 4, 2)
+    write_pretext_checkpoint(tmp_path / "c.pth")
+    common = ["--checkpoint", str(tmp_path / "c.pth")]
+    out = tmp_path / "out"
+    assert _run(common + tiny(voc, out, freeze="[fc8]", max_iter=2)) == 0
+    run_dir = out / "colorization_fc8"
+    (run_dir / "results.json").unlink()  # as if stopped right after its last checkpoint
+    config_before = (out / "config.yaml").read_text()
+    for kv, what in (("lr=0.01", "lr: 0.001 -> 0.01"), ("batch_size=2", "batch_size: 4 -> 2"),
+                     (f"voc={tmp_path}", "voc: ")):
+        with pytest.raises(UserError, match=f"resuming with a changed config \\({what}"):
+            _run(common + tiny(voc, out, freeze="[fc8]", max_iter=3) + ["--set", kv, "--resume"])
+    assert (out / "config.yaml").read_text() == config_before and not (run_dir / "config_history.jsonl").exists()
+    assert _run(common + tiny(voc, out, freeze="[fc8]", max_iter=3, lr=0.01) + ["--resume", "--allow-config-change"]) == 0
+    hist = [json.loads(ln) for ln in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert len(hist) == 1 and hist[0]["step"] == 2
+    assert hist[0]["changes"] == {"lr": {"old": 0.001, "new": 0.01}, "max_iter": {"old": 2, "new": 3}}
+    assert load_checkpoint(run_dir / "checkpoint.pth")["iter"] == 3
+
+
+def test_resume_drops_redone_log_records_a_torn_line_and_stale_tmp_files(tmp_path):
+    voc = voc_fixture(tmp_path, 4, 2)
+    write_pretext_checkpoint(tmp_path / "c.pth")
+    common = ["--checkpoint", str(tmp_path / "c.pth")]
+    out = tmp_path / "out"
+    assert _run(common + tiny(voc, out, freeze="[fc8]", max_iter=2)) == 0
+    run_dir = out / "colorization_fc8"
+    (run_dir / "results.json").unlink()
+    # a killed run had logged steps 3 and 4 after its checkpoint at 2, died mid-line and mid-checkpoint-write
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(dict(kind="train", iter=3, loss=9.0)) + "\n" + json.dumps(dict(kind="train", iter=4)) + "\n")
+        f.write('{"kind": "train", "it')
+    tmp_files = [run_dir / ".checkpoint.pth.x1y2.tmp", out / ".config.yaml.abc.tmp"]
+    for t in tmp_files:
+        t.write_bytes(b"half")
+    assert _run(common + tiny(voc, out, freeze="[fc8]", max_iter=4) + ["--resume"]) == 0
+    assert _train_iters(run_dir / "log.jsonl") == [1, 2, 3, 4]
+    assert all(r.get("loss") != 9.0 for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()))
+    assert not any(t.exists() for t in tmp_files)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["/x/pretext/cli.py", "transfer", "cls", "--voc", "my data/VOC2007"],
+     "python -m pretext.cli transfer cls --voc 'my data/VOC2007' --resume"),
+    (["/x/transfer/classification.py", "--resume", "/r/a b.pth", "--force", "--set", "lr=0.1"],
+     "python -m transfer.classification --force --set lr=0.1 --resume"),
+    (["/usr/bin/crosschannel", "transfer", "cls", "--resume=/r/c.pth", "--resume"], "crosschannel transfer cls --resume"),
+])
+def test_resume_command_continues_from_the_run_folder(monkeypatch, argv, expected):
+    monkeypatch.setattr(sys, "argv", argv)
+    assert C.resume_command() == expected

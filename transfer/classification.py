@@ -17,16 +17,26 @@ One command gives Table 2's rows: ``rows`` (colorization, random, supervised) x 
 in ``out_dir/<row>_<freeze>/`` with its checkpoint, logs, ``results.json``, ``scores.csv`` (image id, 20 summed
 logits) and ``ap_per_class.png``; ``out_dir/results.{json,md}`` and ``out_dir/ap_per_class.png`` put all runs and
 the published numbers side by side. ``--resume`` skips finished runs and continues the others exactly.
+
+Every setting is checked before the run folder is created (each key's limits, the data, each row's backbone against
+the crop). The folder is locked while a run writes it. SIGTERM, SIGINT and SIGUSR1 (SLURM ``--signal=USR1@90``)
+finish the step, write a checkpoint and exit with 128 + signal, printing the command that continues with
+``--resume``. A resume refuses another run's checkpoint (``--force``) and a changed recipe (:data:`GUARDED`,
+``--allow-config-change``, then recorded in ``config_history.jsonl``), and drops the log records after the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
+import contextlib
 import json
+import logging
 import math
 import os
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +48,9 @@ from tqdm import tqdm
 
 from pretext.data import UnreadableImage, pil_to_tensor, read_image
 from pretext.runtime import (
+    GracefulStop,
     JsonlLogger,
+    RunLock,
     UserError,
     add_config_args,
     add_resume_arg,
@@ -48,18 +60,24 @@ from pretext.runtime import (
     atomic_write_text,
     autocast_dtype,
     barrier,
+    check_resume_config,
     cleanup_distributed,
     config_from_args,
     config_to_dict,
     get_rng_state,
+    ignore_stop_signals,
     init_distributed,
     load_checkpoint,
     log,
+    param,
+    remove_stale_tmp,
     resolve_resume,
     save_checkpoint,
     save_config,
     set_rng_state,
     setup_logging,
+    truncate_jsonl,
+    validate_config,
 )
 
 from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe
@@ -72,93 +90,95 @@ ROWS = ("colorization", "random", "supervised")
 PUBLISHED_METHOD = {"colorization": "zhang_alexnet_cc", "supervised": "imagenet_supervised", "random": "gaussian"}
 
 
+#: keys that make a resumed run another experiment (refused unless --allow-config-change): the data, the backbone,
+#: the crops, the batch and the solver. Evaluation and runtime keys (test_split, eval_*, max_iter, workers, ...) may
+#: change; every change that goes ahead is recorded in the run's config_history.jsonl.
+GUARDED = ("voc", "train_split", "labels", "fallback_split", "checkpoint", "random_init", "supervised", "input",
+           "rescale", "init_images", "dropout", "crop", "min_scale", "max_scale", "flip", "batch_size", "lr",
+           "bias_lr_mult", "momentum", "weight_decay", "lr_step", "lr_gamma", "grad_clip", "fc8_std", "fc8_bias", "seed")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClsConfig:
     # data
     voc: str = ""  #: VOCdevkit/ or VOCdevkit/VOC2007/
     train_split: str = "trainval"
     test_split: str = "test"
-    labels: str = "imagesets"  #: imagesets (<class>_<split>.txt, as philkr reads them) | xml | auto
-    fallback_split: str = "error"  #: without ImageSets/Main/<split>.txt: error | all | random (see transfer.voc)
+    labels: str = param("imagesets", choices=LABEL_SOURCES)  #: imagesets (<class>_<split>.txt, as philkr) | xml | auto
+    fallback_split: str = param("error", choices=("error", "all", "random"))  #: without ImageSets/Main/<split>.txt
     # what is fine-tuned (Table 2 rows x columns)
     checkpoint: str = ""  #: pretext checkpoint (row 'colorization')
-    random_init: str = "gaussian"  #: row 'random': gaussian | kmeans | pca | dd_gaussian
+    random_init: str = param("gaussian", choices=RANDOM_INITS)  #: row 'random'
     supervised: str = ""  #: row 'supervised': alexnet:WEIGHTS | vgg16:WEIGHTS (torchvision state dict)
-    rows: list[str] = dataclasses.field(default_factory=lambda: ["colorization"])
-    freeze: list[str] = dataclasses.field(default_factory=lambda: ["fc8", "fc6-8", "all"])
-    input: str = "gray"  #: gray (L) | color (Lab; conv1's ab weights start at zero)
+    rows: list[str] = param(default_factory=lambda: ["colorization"], choices=ROWS)
+    freeze: list[str] = param(default_factory=lambda: ["fc8", "fc6-8", "all"], choices=tuple(FREEZE_LEVELS))
+    input: str = param("gray", choices=INPUT_MODES)  #: gray (L) | color (Lab; conv1's ab weights start at zero)
     rescale: bool = True  #: the release's magic_init rescaling of the checkpoint before fine-tuning
-    init_images: int = 80  #: training images (random crops) for the rescaling / data-dependent init
-    dropout: float = 0.5  #: drop6 / drop7
+    init_images: int = param(80, ge=0, le=10_000)  #: training images (random crops) for the rescaling / data-dependent init
+    dropout: float = param(0.5, ge=0, lt=1)  #: drop6 / drop7
     # protocol (philkr/voc-classification src/train_cls.py)
-    crop: int = 227
-    min_scale: float = 0.5
-    max_scale: float = 2.0
+    crop: int = param(227, ge=32, le=1024)  #: AlexNet / VGG with fc6: 227 (checked against the backbone up front)
+    min_scale: float = param(0.5, gt=0, le=16)
+    max_scale: float = param(2.0, gt=0, le=16)
     flip: bool = True
-    batch_size: int = 16  #: global, split over the processes
-    max_iter: int = 80_000
-    lr: float = 1e-3
-    bias_lr_mult: float = 2.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-6  #: on weights and biases (train_cls.py: setDecay(t, 1, 1))
-    lr_step: int = 10_000
-    lr_gamma: float = 0.5
-    grad_clip: float = 10.0
-    fc8_std: float = 0.01
-    fc8_bias: float = 0.1
+    batch_size: int = param(16, ge=1, le=4096)  #: global, split over the processes
+    max_iter: int = param(80_000, ge=1, le=100_000_000)
+    lr: float = param(1e-3, gt=0, le=10)
+    bias_lr_mult: float = param(2.0, ge=0, le=100)
+    momentum: float = param(0.9, ge=0, lt=1)
+    weight_decay: float = param(1e-6, ge=0, le=1)  #: on weights and biases (train_cls.py: setDecay(t, 1, 1))
+    lr_step: int = param(10_000, ge=1)
+    lr_gamma: float = param(0.5, gt=0, le=1)
+    grad_clip: float = param(10.0, ge=0)  #: 0: off
+    fc8_std: float = param(0.01, ge=0, le=10)
+    fc8_bias: float = param(0.1, ge=-100, le=100)
     # evaluation
-    eval_crop: str = "random"  #: random (the protocol: passes of the training transform) | center (one pass)
-    eval_passes: int = 10
-    eval_every: int = 0  #: also evaluate every N iterations (0: only at the end)
+    eval_crop: str = param("random", choices=("random", "center"))  #: random (passes of the training transform) | center
+    eval_passes: int = param(10, ge=1, le=1000)
+    eval_every: int = param(0, ge=0)  #: also evaluate every N iterations (0: only at the end)
     # runtime
     out_dir: str = "runs/transfer_cls"
-    workers: int = 4
-    amp: str = "auto"  #: auto | bf16 | fp16 | none (CUDA only)
+    workers: int = param(4, ge=0, le=256)
+    amp: str = param("auto", choices=("auto", "bf16", "fp16", "none"))  #: CUDA only
     channels_last: bool = True  #: CUDA only
-    checkpoint_every: int = 1000
-    log_every: int = 20
+    checkpoint_every: int = param(1000, ge=1)
+    log_every: int = param(20, ge=1)
     tensorboard: bool = True
-    seed: int = 0
+    seed: int = param(0, ge=0, lt=2**63)
     device: str = "auto"
     progress: bool = True
 
+    def validate(self) -> None:
+        """Combinations of keys (each key's own limits are declared above); run by ``load_config``."""
+        if not self.voc:
+            raise UserError("no VOC data: --voc VOCdevkit/VOC2007 (or --set voc=...)")
+        for k in ("train_split", "test_split", "out_dir"):
+            if not getattr(self, k).strip():
+                raise UserError(f"config key '{k}': must not be empty")
+        if not self.rows or not self.freeze:
+            raise UserError(f"rows must be among {ROWS} and freeze among {tuple(FREEZE_LEVELS)} (got none)")
+        if self.min_scale > self.max_scale:
+            raise UserError(f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
+        if "colorization" in self.rows and not self.checkpoint:
+            raise UserError("row 'colorization' needs a pretext checkpoint: --checkpoint PATH (or --set checkpoint=...)")
+        if "supervised" in self.rows and not self.supervised:
+            raise UserError("row 'supervised' needs torchvision weights: --set supervised=alexnet:/path/alexnet.pth")
+        if self.rescale and self.init_images == 0 and "colorization" in self.rows:
+            raise UserError("rescale needs init_images > 0 (or --set rescale=false)")
+        if self.device not in ("auto", ""):
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise UserError(f"config key 'device': not a device name: {self.device!r} (auto, cpu, cuda, cuda:1, mps)"
+                                ) from None
+
 
 def check_config(cfg: ClsConfig, world: int = 1) -> None:
-    """Refuse bad settings before any folder is created or memory allocated."""
-    if not cfg.voc:
-        raise UserError("no VOC data: --set voc=/path/to/VOCdevkit/VOC2007")
-    for k in ("batch_size", "max_iter", "lr_step", "checkpoint_every", "log_every", "crop", "eval_passes"):
-        if getattr(cfg, k) <= 0:
-            raise UserError(f"config key '{k}' must be > 0, got {getattr(cfg, k)}")
-    for k in ("lr", "momentum", "weight_decay", "grad_clip", "fc8_std", "bias_lr_mult", "lr_gamma"):
-        v = getattr(cfg, k)
-        if not math.isfinite(v) or v < 0:
-            raise UserError(f"config key '{k}' must be a finite number >= 0, got {v}")
-    if not 0 < cfg.min_scale <= cfg.max_scale:
-        raise UserError(f"need 0 < min_scale <= max_scale, got {cfg.min_scale}, {cfg.max_scale}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    """Refuse bad settings before any folder is created or memory allocated: every key's declared limits and the
+    combinations (:meth:`ClsConfig.validate`), then what depends on the number of processes."""
+    validate_config(cfg)
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} (global) is not divisible by the {world} processes")
-    if cfg.workers < 0 or cfg.eval_every < 0 or cfg.init_images < 0:
-        raise UserError("workers, eval_every and init_images must be >= 0")
-    if cfg.input not in INPUT_MODES:
-        raise UserError(f"input must be one of {INPUT_MODES}, got '{cfg.input}'")
-    if cfg.labels not in LABEL_SOURCES:
-        raise UserError(f"labels must be one of {LABEL_SOURCES}, got '{cfg.labels}'")
-    if cfg.eval_crop not in ("random", "center"):
-        raise UserError(f"eval_crop must be random or center, got '{cfg.eval_crop}'")
-    if cfg.random_init not in RANDOM_INITS:
-        raise UserError(f"random_init must be one of {RANDOM_INITS}, got '{cfg.random_init}'")
-    bad = [r for r in cfg.rows if r not in ROWS] + [f for f in cfg.freeze if f not in FREEZE_LEVELS]
-    if bad or not cfg.rows or not cfg.freeze:
-        raise UserError(f"rows must be among {ROWS} and freeze among {tuple(FREEZE_LEVELS)} (got {bad or 'none'})")
-    if "colorization" in cfg.rows and not cfg.checkpoint:
-        raise UserError("row 'colorization' needs a pretext checkpoint: --set checkpoint=PATH")
-    if "supervised" in cfg.rows and not cfg.supervised:
-        raise UserError("row 'supervised' needs torchvision weights: --set supervised=alexnet:/path/alexnet.pth")
-    if cfg.rescale and cfg.init_images == 0 and "colorization" in cfg.rows:
-        raise UserError("rescale needs init_images > 0 (or --set rescale=false)")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -232,6 +252,7 @@ class Classifier(nn.Module):
         with torch.no_grad():
             self.fc8.weight.normal_(0, std)
             self.fc8.bias.fill_(bias)
+        self.frozen_stages: list[str] = []  #: set by :func:`freeze`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)
@@ -241,8 +262,6 @@ class Classifier(nn.Module):
                                 f"{self.backbone.arch}'s fc6 needs 227 px (crop: 227)")
             f = f.flatten(1) if self.backbone.has_fc else f.mean((2, 3))
         return self.fc8(f)
-
-        self.frozen_stages: list[str] = []
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
@@ -302,8 +321,9 @@ def fingerprints(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------- train / evaluate
 def train_one_epoch(model, optimizer, scaler, loader, cfg: ClsConfig, state: dict, device, amp_dtype,
-                    logger: JsonlLogger, writer, bar, world: int) -> None:
-    """Run the iterations the loader's sampler holds (one pass over the training images, or what is left of it)."""
+                    logger: JsonlLogger, writer, bar, world: int, stop: GracefulStop | None = None) -> bool:
+    """Run the iterations the loader's sampler holds (one pass over the training images, or what is left of it);
+    returns True when a stop signal ended them (after the step, all ranks agreeing, with a checkpoint written)."""
     model.train()
     net = _unwrap(model).backbone
     window_t, window_n = time.time(), 0
@@ -337,7 +357,9 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg: ClsConfig, state: dic
         window_n += rgb.shape[0] * world
         if bar is not None:
             bar.update(1)
-        if any_process([not math.isfinite(loss.item())], device)[0]:
+        nonfinite, stopping = any_process([not math.isfinite(loss.item()), stop is not None and stop.requested],
+                                          device)
+        if nonfinite:
             raise UserError(f"loss is not finite at iteration {it}; lower lr or check the data")
         if it % cfg.log_every == 0 or it == cfg.max_iter:
             loss_avg = all_reduce_sum(loss.detach().float().clone()).item() / world
@@ -351,10 +373,13 @@ def train_one_epoch(model, optimizer, scaler, loader, cfg: ClsConfig, state: dic
             if writer is not None:
                 for k in ("loss", "lr", "grad_norm", "img_per_s"):
                     writer.add_scalar(f"train/{k}", rec[k], it)
-        if it % cfg.checkpoint_every == 0 or it == cfg.max_iter:
+        if it % cfg.checkpoint_every == 0 or it == cfg.max_iter or stopping:
             state["save"](it)
         if fault and it == fault:
             os.kill(os.getpid(), signal.SIGKILL)
+        if stopping:
+            return True
+    return False
 
 
 @torch.no_grad()
@@ -367,6 +392,7 @@ def evaluate(model, dataset: VOCClassification, cfg: ClsConfig, device, amp_dtyp
     sampler = EvalSampler(len(dataset), passes, rank, world, cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals,
                                          generator=torch.Generator())  # leaves the global RNG (dropout) alone
     scores = np.zeros((len(dataset), len(VOC_CLASSES)), np.float64)
     bad = []
@@ -405,8 +431,10 @@ def _init_batch(dataset: VOCClassification, n: int, seed: int) -> torch.Tensor |
     return torch.stack([c[0] for c in crops if c[3]])
 
 
-def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | None, data, dist_info, device) -> dict:
-    """Fine-tune one (row, freeze level) and evaluate it; returns its results (also written to ``run_dir``)."""
+def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | None, data, dist_info, device,
+            stop: GracefulStop | None = None) -> dict | None:
+    """Fine-tune one (row, freeze level) and evaluate it; returns its results (also written to ``run_dir``), or None
+    when a stop signal ended the training (a checkpoint is written)."""
     train_ds, test_ds = data
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
     torch.manual_seed(cfg.seed)
@@ -428,18 +456,24 @@ def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | N
     state = dict(iter=0, skipped=0)
     info = dict(backbone.info)
     if resume:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("format") != FORMAT or ckpt.get("row") != row or ckpt.get("freeze") != level:
-            raise UserError(f"{resume}: not a checkpoint of this run ({row}, {level})")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(resume)  # its kind and config were checked by check_resumable
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{resume}: does not fit this run's network ({str(e).splitlines()[0][:200]})") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if len(ckpt["rng_per_rank"]) == world:
             set_rng_state(ckpt["rng_per_rank"][rank])
+        else:
+            log.warning("checkpoint written by %d processes, resuming with %d: random streams restart",
+                        len(ckpt["rng_per_rank"]), world)
         state.update(iter=ckpt["iter"], skipped=ckpt["skipped"])
         info = ckpt["backbone_info"]
-        log.info("%s: resumed at iteration %d", run_dir.name, state["iter"])
+        if main:  # the steps after the checkpoint are redone: their records go (and a torn last line)
+            truncate_jsonl(run_dir / "log.jsonl", state["iter"], key="iter")
+        log.info("%s: resumed from %s at iteration %d", run_dir.name, resume, state["iter"])
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     before = fingerprints(model, frozen)
     raw = model
@@ -470,18 +504,22 @@ def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | N
     # iteration alone, so a resumed run draws the same masks as an uninterrupted one
     loader = torch.utils.data.DataLoader(train_ds, batch_size=b, sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                                         generator=torch.Generator())
+                                         worker_init_fn=ignore_stop_signals, generator=torch.Generator())
     per_epoch = max(1, math.ceil(len(train_ds) / cfg.batch_size))
     bar = tqdm(total=cfg.max_iter, initial=state["iter"], desc=run_dir.name, unit="it", dynamic_ncols=True,
                disable=not (main and cfg.progress))
     t0, it0 = time.time(), state["iter"]
-    while state["iter"] < cfg.max_iter:
+    stopped = False
+    while state["iter"] < cfg.max_iter and not stopped:
         start = state["iter"]
-        stop = min(cfg.max_iter, (start // per_epoch + 1) * per_epoch)
+        end = min(cfg.max_iter, (start // per_epoch + 1) * per_epoch)
         if cfg.eval_every:
-            stop = min(stop, (start // cfg.eval_every + 1) * cfg.eval_every)
-        sampler.set_range(start, stop)
-        train_one_epoch(model, optimizer, scaler, loader, cfg, state, device, amp_dtype, logger, writer, bar, world)
+            end = min(end, (start // cfg.eval_every + 1) * cfg.eval_every)
+        sampler.set_range(start, end)
+        stopped = train_one_epoch(model, optimizer, scaler, loader, cfg, state, device, amp_dtype, logger, writer,
+                                  bar, world, stop)
+        if stopped:
+            break
         if cfg.eval_every and state["iter"] % cfg.eval_every == 0 and state["iter"] < cfg.max_iter:
             s, _ = evaluate(model, test_ds, cfg, device, amp_dtype, rank, world)
             m = ap_table(s, test_ds.labels.numpy())["mAP"]
@@ -493,6 +531,10 @@ def run_one(cfg: ClsConfig, row: str, level: str, run_dir: Path, resume: str | N
     changed = [n for n, h in fingerprints(raw, frozen).items() if h != before[n]]
     if changed:
         raise RuntimeError(f"{run_dir.name}: frozen parameters changed during training ({changed[:5]}): results invalid")
+    if stopped:
+        if writer is not None:
+            writer.close()
+        return None
     scores, bad = evaluate(model, test_ds, cfg, device, amp_dtype, rank, world, progress=main and cfg.progress)
     if bad:
         raise UserError(f"{test_ds.paths[bad[0]]}: unreadable test image ({len(bad)} in all): the VOC test set must be "
@@ -586,51 +628,175 @@ def get_dataset(cfg: ClsConfig) -> tuple[VOCClassification, VOCClassification]:
             VOCClassification(te_paths, te_labels, cfg, center=cfg.eval_crop == "center"))
 
 
+class _Held(logging.Handler):
+    """Holds the log records of the checks made before the run folder exists: a refused run prints its one error
+    line alone; an accepted one replays them to stderr and into ``log.txt``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_logs(held: _Held):
+    handlers = log.handlers[:]
+    log.handlers = [held]
+    try:
+        yield held
+    finally:
+        log.handlers = handlers
+
+
+def check_geometry(cfg: ClsConfig) -> None:
+    """Before anything is created: each row's backbone (weights files read, no rescaling) takes a ``crop`` px crop
+    to what fc8 reads (a 1x1 fc7 map for nets with fc6/fc7). Refuses a crop that is too small or too large for it,
+    and a checkpoint or weights file that cannot be read, in one line."""
+    for row in cfg.rows:
+        src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
+                   supervised=cfg.supervised if row == "supervised" else None,
+                   random_init="gaussian" if row == "random" else None)
+        with _held_logs(_Held()):  # what building says is said again when the run builds it
+            net = build_backbone(**src, input=cfg.input, rescale=False, seed=cfg.seed, fc_dim=1)  # fc_dim: random row
+        net.eval()
+        try:
+            with torch.no_grad():
+                f = net(net.prepare(torch.zeros(1, 3, cfg.crop, cfg.crop)))
+        except RuntimeError as e:
+            raise UserError(f"crop {cfg.crop} px is too small for {net.arch} (row '{row}'): "
+                            f"{str(e).splitlines()[0][:160]}") from None
+        if f.dim() == 4 and net.has_fc and f.shape[-2:] != (1, 1):
+            raise UserError(f"crop {cfg.crop} px gives a {f.shape[-2]}x{f.shape[-1]} fc7 map in {net.arch} (row '{row}'); "
+                            "its fc6 needs 227 px (crop: 227)")
+
+
+def check_resumable(path: str, row: str, level: str, cfg: ClsConfig, run_dir: Path, allow_change: bool, dist_info,
+                    device, config: bool = True) -> None:
+    """``path`` is a classification checkpoint of (``row``, ``level``) and, with ``config``, the config keeps its
+    recipe (:data:`GUARDED`; other changes are recorded in ``config_history.jsonl`` by the main process). All ranks
+    agree."""
+    error = None
+    if dist_info.is_main:
+        try:
+            ckpt = load_checkpoint(path)
+            if ckpt.get("format") != FORMAT:
+                what = ckpt.get("format") or ("a pretext checkpoint" if "model_name" in ckpt else "no format")
+                raise UserError(f"{path}: not a VOC classification checkpoint ({what}); --resume takes a checkpoint "
+                                "that this command wrote (give a pretext checkpoint with --checkpoint)")
+            if (ckpt.get("row"), ckpt.get("freeze")) != (row, level):
+                raise UserError(f"{path}: a checkpoint of run {ckpt.get('row')}_{ckpt.get('freeze')}, not {row}_{level}")
+            if config:
+                check_resume_config(ckpt.get("config") or {}, config_to_dict(cfg), GUARDED, allow_change, run_dir,
+                                    ckpt.get("iter", 0))
+        except UserError as e:
+            error = e
+    if any_process([error is not None], device)[0]:
+        raise error or UserError(f"{path}: refused by the main process (see its error)")
+
+
+def resume_command() -> str:
+    """This process's command line with ``--resume`` (for the line printed after a stop signal)."""
+    argv0 = sys.argv[0].replace(os.sep, "/")
+    modules = {"pretext/cli.py": "pretext.cli", "transfer/cli.py": "transfer.cli",
+               "transfer/classification.py": "transfer.classification"}
+    prog = next((f"python -m {m}" for tail, m in modules.items() if argv0.endswith(tail)), Path(argv0).name)
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            if not a.startswith("-"):  # --resume PATH: the run folder's own checkpoint is the one to continue now
+                continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume="):
+            continue
+        args.append(a)
+    return shlex.join([*prog.split(), *args, "--resume"])
+
+
 def main(args) -> int:
     extra = [f"{k}={getattr(args, k)}" for k in ("voc", "checkpoint") if getattr(args, k, None)]
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
     cfg = config_from_args(ClsConfig, args)
-    return run(cfg, getattr(args, "resume", None))
+    return run(cfg, getattr(args, "resume", None), getattr(args, "force", False),
+               getattr(args, "allow_config_change", False))
 
 
-def run(cfg: ClsConfig, resume: str | None = None) -> int:
+def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_change: bool = False) -> int:
+    """Every run of the plan (rows x freeze levels) in turn. Everything that can be checked is checked before the
+    run folder is created; then the folder is locked (one process at a time), leftovers of killed writes are removed,
+    and SIGTERM / SIGINT / SIGUSR1 end the training at a checkpoint with exit code 128 + signal."""
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    runs = [(r, f) for r in cfg.rows for f in cfg.freeze]
+    if resume not in (None, "auto") and len(runs) > 1:
+        raise UserError("--resume CHECKPOINT needs a single run (one row, one freeze level); use --resume")
     dist_info, device = init_distributed(cfg.device)
+    lock = None
     try:
         out_dir = Path(cfg.out_dir)
-        runs = [(r, f) for r in cfg.rows for f in cfg.freeze]
-        if resume not in (None, "auto") and len(runs) > 1:
-            raise UserError("--resume CHECKPOINT needs a single run (one row, one freeze level); use --resume")
+        if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
+            lock = RunLock(out_dir).acquire()
         setup_logging(None, dist_info.is_main)
+        with _held_logs(_Held()) as held:
+            data = get_dataset(cfg)  # a bad VOC folder is refused before the run folder is created
+            check_geometry(cfg)  # so are a crop the backbone cannot take and an unreadable checkpoint
+            if resume not in (None, "auto"):  # and a --resume file of another kind
+                check_resumable(resume, runs[0][0], runs[0][1], cfg, out_dir, allow_change, dist_info, device,
+                                config=False)
+        if dist_info.is_main:
+            lock = lock or RunLock(out_dir).acquire()
+            setup_logging(out_dir, True)
+            for record in held.records:
+                log.handle(record)
+            remove_stale_tmp(out_dir)
+        barrier()
         plan = []
         for row, level in runs:
             run_dir = out_dir / f"{row}_{level}"
-            done = (run_dir / "results.json").is_file() and resume is not None
-            plan.append((row, level, run_dir, None if done else resolve_resume(resume, run_dir / "checkpoint.pth"), done))
-        data = get_dataset(cfg)  # a bad VOC folder is refused before the run folder is created
+            latest = run_dir / "checkpoint.pth"
+            own = resume == "auto" or (resume is not None and Path(resume).resolve() == latest.resolve())
+            done = (run_dir / "results.json").is_file() and own  # finished: kept (another checkpoint: see resolve_resume)
+            plan.append((row, level, run_dir, None if done else resolve_resume(resume, latest, force), done))
+        for row, level, run_dir, ckpt, _ in plan:
+            if ckpt:
+                check_resumable(ckpt, row, level, cfg, run_dir, allow_change, dist_info, device)
         if dist_info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out_dir)
-            setup_logging(out_dir, True)
         results = {}
-        for row, level, run_dir, ckpt, done in plan:
-            if done:
-                log.info("%s: finished earlier, results kept", run_dir.name)
-                results[run_dir.name] = json.loads((run_dir / "results.json").read_text())
-                continue
-            if dist_info.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            results[run_dir.name] = run_one(cfg, row, level, run_dir, ckpt, data, dist_info, device)
-            r = results[run_dir.name]
-            log.info("%s: mAP %s (VOC07 11-pt %s) over %d classes", run_dir.name,
-                     f"{100 * r['mAP']:.2f}" if r["mAP"] is not None else "n/a",
-                     f"{100 * r['mAP_voc07_11pt']:.2f}" if r["mAP_voc07_11pt"] is not None else "n/a",
-                     r["num_classes_evaluated"])
+        with GracefulStop() as stop:
+            for row, level, run_dir, ckpt, done in plan:
+                if done:
+                    log.info("%s: finished earlier, results kept", run_dir.name)
+                    results[run_dir.name] = json.loads((run_dir / "results.json").read_text())
+                    continue
+                if any_process([stop.requested], device)[0]:  # a signal during the last evaluation
+                    log.warning("%s received: stopped before run %s; continue with: %s", stop.name or "stop signal",
+                                run_dir.name, resume_command())
+                    return stop.exit_code
+                if dist_info.is_main:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    remove_stale_tmp(run_dir)
+                    (run_dir / "results.json").unlink(missing_ok=True)  # of a run that --force replaces
+                r = run_one(cfg, row, level, run_dir, ckpt, data, dist_info, device, stop)
+                if r is None:
+                    log.warning("%s received: stopped run %s at a checkpoint (%s); continue with: %s",
+                                stop.name or "stop signal", run_dir.name, run_dir / "checkpoint.pth", resume_command())
+                    return stop.exit_code  # 0 on a rank that only followed the others
+                results[run_dir.name] = r
+                log.info("%s: mAP %s (VOC07 11-pt %s) over %d classes", run_dir.name,
+                         f"{100 * r['mAP']:.2f}" if r["mAP"] is not None else "n/a",
+                         f"{100 * r['mAP_voc07_11pt']:.2f}" if r["mAP_voc07_11pt"] is not None else "n/a",
+                         r["num_classes_evaluated"])
         if dist_info.is_main:
             write_summary(out_dir, results, cfg)
             log.info("results: %s", out_dir / "results.md")
         return 0
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed()
 
 
@@ -645,8 +811,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    import sys
-
     from pretext.runtime import run_entry
 
     sys.exit(run_entry(main, get_args_parser()))

@@ -205,6 +205,11 @@ class DetConfig:
             raise UserError("config key 'bbox_reg_weights': four numbers (x, y, w, h)")
         if not self.proposals or (self.proposals != "rpn" and not Path(self.proposals).is_dir()):
             raise UserError(f"proposals '{self.proposals}': not a folder (give 'rpn' or a folder of per-image files)")
+        if self.device not in ("auto", ""):  # torch.device('tpu7') is a RuntimeError (a traceback) otherwise
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise UserError(f"config key 'device': not a device name: {self.device!r}") from None
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -162,6 +162,11 @@ class SegConfig:
             raise UserError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
         if self.upsample_kernel and self.upsample_kernel < 2:
             raise UserError("upsample_kernel must be 0 (auto) or >= 2")
+        if self.device not in ("auto", ""):  # torch.device('tpu7') is a RuntimeError (a traceback) otherwise
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise UserError(f"config key 'device': not a device name: {self.device!r}") from None
 
 
 # --------------------------------------------------------------------------------------------- data
