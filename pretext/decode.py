@@ -17,6 +17,7 @@ Fast paths (the crop or the output size is known before decoding):
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import warnings
@@ -269,62 +270,165 @@ class DecodedCrop(NamedTuple):
     scale: int  #: the draft scale the JPEG was decoded at (1: full)
 
 
-def _pil_to_hwc(img: Image.Image, writable: bool = True) -> torch.Tensor:
-    """PIL L or RGB -> uint8 (H, W, C): C = 1 for L, 4 for RGB, read as PIL's own 4-byte pixels (RGBX: a plain
-    copy, three times faster than packing to 3 bytes; callers take ``[..., :3]``). ``writable=False``: a view of
-    PIL's immutable bytes, one copy fewer, for a tensor that is only read."""
-    c = 1 if img.mode == "L" else 4
-    data = img.tobytes("raw", "RGBX") if c == 4 else img.tobytes()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": only read, see above
-        return torch.frombuffer(bytearray(data) if writable else data, dtype=torch.uint8).view(img.height, img.width, c)
+def _pil_to_hwc(img: Image.Image, box: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """PIL L or RGB -> uint8 (H, W, C) in fresh torch memory, one copy: C = 1 for L, 4 for RGB (PIL's own 4-byte
+    pixels, RGBX; callers take ``[..., :3]``). ``box``: only that window (whole pixels; outside the image: zeros).
+    Pillow pastes straight into the tensor's memory (a mapped RGBX or L image): no intermediate bytes object."""
+    x0, y0, x1, y1 = box if box is not None else (0, 0, *img.size)
+    c, mode = (1, "L") if img.mode == "L" else (4, "RGBX")
+    out = (torch.empty if box is None or (x0 >= 0 and y0 >= 0 and x1 <= img.width and y1 <= img.height)
+           else torch.zeros)((y1 - y0, x1 - x0, c), dtype=torch.uint8)
+    dst = Image.frombuffer(mode, (x1 - x0, y1 - y0), out.numpy(), "raw", mode, 0, 1)
+    dst.im.paste(img.im, (-x0, -y0, img.width - x0, img.height - y0))
+    return out
+
+
+def _nchw(hwc: torch.Tensor) -> torch.Tensor:
+    """(H, W, C) -> (1, C, H, W) channels-last with the batch stride of a contiguous tensor: with another one
+    (a size-1 dimension's stride is free), torch's uint8 kernel takes a slower path (a third slower)."""
+    return hwc[None].permute(0, 3, 1, 2)
 
 
 class _Axis(NamedTuple):
     """How torch's kernel reproduces PIL's resampling along one axis: the input window [lo, hi), read from its far
-    end (``flip``), with ``scale`` source pixels per output."""
+    end (``flip``), with ``scale`` source pixels per output; the wanted outputs follow ``skip`` others."""
     lo: int
     hi: int
     flip: bool
     scale: float
+    skip: int = 0
 
 
-def _axis_plan(b0: float, b1: float, size: int) -> Optional[_Axis]:
+_GRID_TOL = 1e-7  # a coordinate within this of a whole pixel is on it (the boxes are products of a few floats)
+
+
+def _whole(v: float) -> bool:
+    return abs(v - round(v)) <= _GRID_TOL * max(1.0, abs(v))
+
+
+@functools.lru_cache(maxsize=1024)
+def _grid_period(scale: float, limit: int = 64) -> int:
+    """The fewest outputs p (<= ``limit``) whose span p * scale is whole pixels; 0 if none."""
+    for p in range(1, limit + 1):
+        if _whole(p * scale):
+            return p
+    return 0
+
+
+def _axis_plan(b0: float, b1: float, size: int, extent: int = 0, far: bool = False) -> Optional[_Axis]:
     """Torch's antialiased kernel puts output centres at ``lo + scale (j + 0.5)``, anchored at its input window's
-    start, and clips the filter at the window. Crop-then-resize (PIL) resamples ``[b0, b1)`` of the crop's pixels
+    start (or, reading the window from its far end, at ``hi``), and clips the filter at the window. None where no
+    window reproduces PIL's pixels, or when upsampling (left to PIL).
+
+    ``extent`` 0, crop then resize (RandomResizedCrop): PIL resamples ``[b0, b1)`` of the crop's pixels
     [floor b0, ceil b1) with centres ``b0 + scale (i + 0.5)``: the same grid when b0 is a whole pixel, or, read
-    from the far end, when b1 is; None when both are fractional, or when upsampling (left to PIL)."""
+    from the far end, when b1 is.
+
+    ``extent`` > 0, resize then crop (PIL's ``resize(box=...)`` on an image of ``extent`` pixels, the filter
+    clipped only at its borders): the box lies on a resize grid when ``b0 / scale`` is a whole number k of
+    outputs (resize_crop's boxes: the 256-px grid), and every grid point ``g scale`` that is a whole pixel can
+    anchor a window that reaches no less far than the wanted outputs' filters (0 always can: PIL clips there
+    too). The kernel then computes the ``skip`` outputs between anchor and box as well; the nearest anchor is
+    taken, before the box or (``far``: the image's far border is there, all of it decoded) after it."""
     scale = (b1 - b0) / size
-    lo, hi = math.floor(b0), math.ceil(b1)
-    if scale < 1 or (b0 != lo and b1 != hi):
+    if scale < 1:
         return None
-    return _Axis(lo, hi, b0 != lo, scale)
+    if not extent:
+        lo, hi = math.floor(b0), math.ceil(b1)
+        if b0 != lo and b1 != hi:
+            return None
+        return _Axis(lo, hi, b0 != lo, scale)
+    k = b0 / scale
+    if not _whole(k):
+        return None
+    k = round(k)
+    first = b0 + 0.5 * scale - scale + 0.5  # PIL's first tap of the first wanted output: int() of this
+    last = b1 - 0.5 * scale + scale + 0.5  # and its tap end of the last: int() of this
+    p = _grid_period(scale)
+    g = 0  # forward anchor (output index): the largest grid point whose pixel is at or before the first tap
+    if p and first >= 1:
+        g = min(k, int(first / scale)) // p * p
+        while g > 0 and not (_whole(g * scale) and round(g * scale) <= int(first)):
+            g -= p
+    best = _Axis(round(g * scale), min(extent, math.floor(last) + 1), False, scale, k - g)
+    if far:
+        G = extent / scale  # the far border, a grid point when extent / scale is whole
+        if not _whole(G):
+            G = -1
+            if p:
+                G = -(-math.ceil(last / scale) // p) * p
+                while G * scale < extent and not (_whole(G * scale) and round(G * scale) >= int(last)):
+                    G += p
+                if G * scale > extent + _GRID_TOL:
+                    G = -1
+        G = round(G)
+        if G >= 0 and G - k - size < best.skip:
+            best = _Axis(max(0, math.floor(first) - 1), round(G * scale), True, scale, G - k - size)
+    return best
+
+
+def _kernel(x: torch.Tensor, ay: Optional[_Axis], ax: Optional[_Axis], size: int) -> torch.Tensor:
+    """Torch's uint8 antialiased bilinear kernel on ``x`` (1, C, H, W) channels-last, a window already read from
+    its far ends as the plans say: the axes with a plan (None: the axis is left as it is) resampled to ``skip +
+    size`` outputs, the skipped ones dropped. Scales are explicit: the grid of the box, not of the window."""
+    oh, sh = (ay.skip + size, 1 / ay.scale) if ay is not None else (x.shape[2], 1.0)
+    ow, sw = (ax.skip + size, 1 / ax.scale) if ax is not None else (x.shape[3], 1.0)
+    y = torch.ops.aten._upsample_bilinear2d_aa(x, [oh, ow], False, sh, sw)
+    if ay is not None and ay.skip:
+        y = y[:, :, ay.skip:]
+    if ax is not None and ax.skip:
+        y = y[:, :, :, ax.skip:]
+    return y
+
+
+def _window(im: Image.Image, box: Sequence[float], ax: Optional[_Axis], ay: Optional[_Axis], clip: bool):
+    """The pixels the resampling reads: along an axis with a plan, its window; along one without, the crop's whole
+    pixels (``clip``) or the image's full extent. Returns the window (whole pixels) and ``box`` in its pixels."""
+    lo, hi, rel = [0, 0], [im.width, im.height], list(box)
+    for d, a in ((0, ax), (1, ay)):
+        if a is not None:
+            lo[d], hi[d] = a.lo, a.hi
+        elif clip:
+            lo[d], hi[d] = max(0, math.floor(box[d])), min(hi[d], math.ceil(box[d + 2]))
+        rel[d], rel[d + 2] = box[d] - lo[d], box[d + 2] - lo[d]
+    return (lo[0], lo[1], hi[0], hi[1]), rel
+
+
+def _mirror(x: torch.Tensor, ax: Optional[_Axis], ay: Optional[_Axis]) -> torch.Tensor:
+    """Flip (1, C, H, W) along the axes whose plans read from the far end (an involution: before and after)."""
+    dims = [d for d, a in ((-1, ax), (-2, ay)) if a is not None and a.flip]
+    return x.flip(dims) if dims else x
 
 
 def resample_crop(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> torch.Tensor:
     """``box`` (fractional) of an L or RGB image resampled to size x size with PIL's antialiased bilinear filter
     -> uint8 (size, size, C). ``clip``: the filter sees only the crop's pixels (crop, then resize: RandomResizedCrop),
-    else the pixels around it too (resize, then crop: PIL's ``resize(box=...)``). A crop with whole-pixel edges
-    on one side per axis (:func:`_axis_plan`) goes through torch's vectorised uint8 kernel (within one level of
-    PIL's, about twice as fast); the rest through PIL."""
-    ax = _axis_plan(box[0], box[2], size) if clip else None
-    ay = _axis_plan(box[1], box[3], size) if ax is not None else None
-    if ax is None or ay is None:
-        win, box = _resample_box(box, clip, im.size)
-        if win is not None:
+    else the pixels around it too (resize, then crop: PIL's ``resize(box=...)``).
+
+    Each axis that :func:`_axis_plan` can map onto torch's vectorised uint8 kernel (within one level of PIL's,
+    several times faster) goes through it: crops with a whole-pixel edge, and boxes on a resize grid (all of
+    resize_crop's). PIL's passes run in its order (horizontal, then vertical) with its 8-bit rounding between
+    them, so a crop with a plan for one axis only (PIL's pass for the other) is as close to PIL as either."""
+    extent = (0, 0) if clip else im.size
+    ax = _axis_plan(box[0], box[2], size, extent[0], far=not clip)
+    ay = _axis_plan(box[1], box[3], size, extent[1])
+    win, rel = _window(im, box, ax, ay, clip)
+    if ax is None:
+        if win != (0, 0, *im.size):
             im = im.crop(win)
-        return _pil_to_hwc(im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(box)))[..., :3]
-    win = im.crop((ax.lo, ay.lo, ax.hi, ay.hi))
-    if ax.flip:
-        win = win.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if ay.flip:
-        win = win.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    x = _pil_to_hwc(win, writable=False).permute(2, 0, 1)[None]  # channels-last; RGBX: the kernel's own layout
-    # explicit scales: the grid of the box, not of the (up to a pixel larger) window
-    y = torch.ops.aten._upsample_bilinear2d_aa(x, [size, size], False, 1 / ay.scale, 1 / ax.scale)
-    y = y[0, : min(3, y.shape[1])]
-    dims = [d for d, a in ((-1, ax), (-2, ay)) if a.flip]
-    return (y.flip(dims) if dims else y).permute(1, 2, 0)
+        if ay is None:
+            return _pil_to_hwc(im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(rel)))[..., :3]
+        # PIL's horizontal pass alone (the box spans the window's rows), then torch's vertical one
+        x = _nchw(_pil_to_hwc(im.resize((size, im.height), Image.Resampling.BILINEAR, box=(rel[0], 0, rel[2], im.height))))
+    else:
+        x = _nchw(_pil_to_hwc(im, win))
+    y = _mirror(_kernel(_mirror(x, ax, ay), ay, ax, size), ax, ay)[0]
+    if ay is None:  # torch's horizontal pass, then PIL's vertical one
+        c = y.shape[0]
+        mid = Image.frombuffer("L" if c == 1 else "RGBX", (size, y.shape[1]), y.permute(1, 2, 0).contiguous().numpy(),
+                               "raw", "L" if c == 1 else "RGBX", 0, 1)
+        return _pil_to_hwc(mid.resize((size, size), Image.Resampling.BILINEAR, box=(0, rel[1], size, rel[3])))[..., :3]
+    return y[:3].permute(1, 2, 0)
 
 
 def _pil_crop(im: Image.Image, crop: Crop, size: int, orientation: int, draft: bool) -> DecodedCrop:
