@@ -248,9 +248,14 @@ def _resample_box(box: Sequence[float], clip: bool, size: tuple[int, int]):
 def is_grey_hwc(a: np.ndarray, tol: float = 2.0) -> bool:
     """True if uint8 RGB pixels (H, W, >= 3; a fourth channel is ignored) carry no colour: every channel within
     ``tol`` levels of the channels' mean (:func:`pretext.data.is_grey` on uint8), decided exactly and cheaply.
-    A sparse sample first (one colourful pixel decides for most photographs), then the per-pixel channel spread
-    max - min: above 2 tol some channel is more than tol from the mean, at most 1.5 tol none is; the pixels in
-    between get the exact integer test |3 x_c - (r + g + b)| <= 3 tol."""
+    Sparse samples first (one colourful pixel decides for most photographs: a few dozen read in Python, then a
+    denser one), then the per-pixel channel spread max - min: above 2 tol some channel is more than tol from the
+    mean (which lies between min and max), at most 1.5 tol none is; the pixels in between get the exact integer
+    test |3 x_c - (r + g + b)| <= 3 tol."""
+    for row in a[8::24, 8::24, :3].tolist():  # 7 x 7 pixels of a 176-px crop, read in Python: no array ops
+        for r, g, b in row:
+            if max(r, g, b) - min(r, g, b) > 2 * tol:
+                return False
     v = a[::13, ::13, :3].astype(np.int16)
     if (np.abs(3 * v - v.sum(-1, keepdims=True)) > 3 * tol).any():
         return False
@@ -278,8 +283,8 @@ def _pil_to_hwc(img: Image.Image, box: Optional[Sequence[int]] = None) -> torch.
     c, mode = (1, "L") if img.mode == "L" else (4, "RGBX")
     out = (torch.empty if box is None or (x0 >= 0 and y0 >= 0 and x1 <= img.width and y1 <= img.height)
            else torch.zeros)((y1 - y0, x1 - x0, c), dtype=torch.uint8)
-    dst = Image.frombuffer(mode, (x1 - x0, y1 - y0), out.numpy(), "raw", mode, 0, 1)
-    dst.im.paste(img.im, (-x0, -y0, img.width - x0, img.height - y0))
+    dst = Image.core.map_buffer(out.numpy(), (x1 - x0, y1 - y0), "raw", 0, (mode, 0, 1))
+    dst.paste(img.im, (-x0, -y0, img.width - x0, img.height - y0))
     return out
 
 
@@ -395,9 +400,36 @@ def _window(im: Image.Image, box: Sequence[float], ax: Optional[_Axis], ay: Opti
 
 
 def _mirror(x: torch.Tensor, ax: Optional[_Axis], ay: Optional[_Axis]) -> torch.Tensor:
-    """Flip (1, C, H, W) along the axes whose plans read from the far end (an involution: before and after)."""
+    """Flip (1, C, H, W) along the axes whose plans read from the far end."""
     dims = [d for d, a in ((-1, ax), (-2, ay)) if a is not None and a.flip]
     return x.flip(dims) if dims else x
+
+
+def _resample(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> tuple[torch.Tensor, bool, bool]:
+    """:func:`resample_crop`'s work: (uint8 (C, size, size), flip_h, flip_w), the result still to be mirrored
+    along the axes flagged (left to the caller, who may have mirrors of its own to merge into one copy)."""
+    extent = (0, 0) if clip else im.size
+    ax = _axis_plan(box[0], box[2], size, extent[0], far=not clip)
+    ay = _axis_plan(box[1], box[3], size, extent[1])
+    win, rel = _window(im, box, ax, ay, clip)
+    if ax is None:
+        if win != (0, 0, *im.size):
+            im = im.crop(win)
+        if ay is None:
+            out = im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(rel))
+            return _pil_to_hwc(out).permute(2, 0, 1), False, False
+        # PIL's horizontal pass alone (the box spans the window's rows), then torch's vertical one
+        x = _pil_to_hwc(im.resize((size, im.height), Image.Resampling.BILINEAR, box=(rel[0], 0, rel[2], im.height)))
+    else:
+        x = _pil_to_hwc(im, win)
+    y = _kernel(_mirror(_nchw(x), ax, ay), ay, ax, size)[0]
+    fh, fw = ay is not None and ay.flip, ax is not None and ax.flip
+    if ay is None:  # torch's horizontal pass, then PIL's vertical one (on the mirrored rows: row-wise, no matter)
+        mode = "L" if y.shape[0] == 1 else "RGBX"
+        mid = Image.core.map_buffer(y.permute(1, 2, 0).contiguous().numpy(), (size, y.shape[1]), "raw", 0, (mode, 0, 1))
+        mid = Image.Image()._new(mid).resize((size, size), Image.Resampling.BILINEAR, box=(0, rel[1], size, rel[3]))
+        y = _pil_to_hwc(mid).permute(2, 0, 1)
+    return y, fh, fw
 
 
 def resample_crop(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> torch.Tensor:
@@ -409,30 +441,19 @@ def resample_crop(im: Image.Image, box: Sequence[float], size: int, clip: bool) 
     several times faster) goes through it: crops with a whole-pixel edge, and boxes on a resize grid (all of
     resize_crop's). PIL's passes run in its order (horizontal, then vertical) with its 8-bit rounding between
     them, so a crop with a plan for one axis only (PIL's pass for the other) is as close to PIL as either."""
-    extent = (0, 0) if clip else im.size
-    ax = _axis_plan(box[0], box[2], size, extent[0], far=not clip)
-    ay = _axis_plan(box[1], box[3], size, extent[1])
-    win, rel = _window(im, box, ax, ay, clip)
-    if ax is None:
-        if win != (0, 0, *im.size):
-            im = im.crop(win)
-        if ay is None:
-            return _pil_to_hwc(im.resize((size, size), Image.Resampling.BILINEAR, box=tuple(rel)))[..., :3]
-        # PIL's horizontal pass alone (the box spans the window's rows), then torch's vertical one
-        x = _nchw(_pil_to_hwc(im.resize((size, im.height), Image.Resampling.BILINEAR, box=(rel[0], 0, rel[2], im.height))))
-    else:
-        x = _nchw(_pil_to_hwc(im, win))
-    y = _mirror(_kernel(_mirror(x, ax, ay), ay, ax, size), ax, ay)[0]
-    if ay is None:  # torch's horizontal pass, then PIL's vertical one
-        c = y.shape[0]
-        mid = Image.frombuffer("L" if c == 1 else "RGBX", (size, y.shape[1]), y.permute(1, 2, 0).contiguous().numpy(),
-                               "raw", "L" if c == 1 else "RGBX", 0, 1)
-        return _pil_to_hwc(mid.resize((size, size), Image.Resampling.BILINEAR, box=(0, rel[1], size, rel[3])))[..., :3]
-    return y[:3].permute(1, 2, 0)
+    y, fh, fw = _resample(im, box, size, clip)
+    dims = [d for d, f in ((-2, fh), (-1, fw)) if f]
+    return (y.flip(dims) if dims else y)[:3].permute(1, 2, 0)
+
+
+# after orient's transpose (orientations 5-8), the flips it applies: (rows, columns)
+_ORIENT_FLIPS = {1: (False, False), 2: (False, True), 3: (True, True), 4: (True, False),
+                 5: (False, False), 6: (False, True), 7: (True, True), 8: (True, False)}
 
 
 def _pil_crop(im: Image.Image, crop: Crop, size: int, orientation: int, draft: bool) -> DecodedCrop:
-    """Decode + crop + resize an opened image: draft scale, only the rows down to the crop, one resample."""
+    """Decode + crop + resize an opened image: draft scale, only the rows down to the crop, one resample; the
+    mirrors of the resampling, the EXIF orientation and the crop's flip merged into one copy at most."""
     upright = upright_size(im.size, orientation)
     box = box_to_stored(crop.box, upright, orientation)
     s = _draft(im, draft_scale(min(box[2] - box[0], box[3] - box[1]), size)) if draft else 1
@@ -442,13 +463,17 @@ def _pil_crop(im: Image.Image, crop: Crop, size: int, orientation: int, draft: b
     _load_rows(im, math.ceil(box[3] + reach))
     if im.mode not in ("RGB", "L"):
         im = to_rgb(im)[0]  # palette, alpha, 16-bit, CMYK: convert the whole (possibly reduced) image first
-    hwc = resample_crop(im, box, size, crop.clip)
-    if hwc.shape[-1] == 1:
-        hwc, grey = hwc.expand(-1, -1, 3), True
+    y, fh, fw = _resample(im, box, size, crop.clip)
+    if y.shape[0] == 1:
+        y, grey = y.expand(3, -1, -1), True
     else:
-        grey = is_grey_hwc(hwc.numpy())
-    x = orient(hwc.permute(2, 0, 1), orientation)
-    return DecodedCrop(x.flip(-1) if crop.flip else x, grey, crop, s)
+        y = y[:3]
+        grey = is_grey_hwc(y.permute(1, 2, 0).numpy())  # mirrors and transposes do not change it
+    if orientation >= 5:
+        y, fh, fw = y.transpose(-2, -1), fw, fh
+    oh, ow = _ORIENT_FLIPS[orientation]
+    dims = [d for d, f in ((-2, fh != oh), (-1, fw != (ow != crop.flip))) if f]
+    return DecodedCrop(y.flip(dims) if dims else y, grey, crop, s)
 
 
 def decode_crop(path, size: int, choose: Callable[[int, int], Crop], draft: bool = True) -> DecodedCrop:
