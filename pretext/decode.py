@@ -169,21 +169,36 @@ def _draft(im: Image.Image, scale: int) -> int:
 _ROW_MARKS = ((1, 254, 3), (254, 1, 252))  # unlikely RGB values: sentinels in the last row to be decoded
 
 
-def _load_rows(im: Image.Image, rows: int) -> None:
+def _map_tensor(im: Image.Image) -> torch.Tensor:
+    """Give an RGB or L image, not yet loaded, torch memory as its pixel memory: the decoder writes straight into
+    the returned uint8 (H, W, C) tensor (C = 4, PIL's RGBX pixels, or 1), which stays the image's memory."""
+    w, h = im.size
+    px = torch.empty((h, w, 1 if im.mode == "L" else 4), dtype=torch.uint8)
+    im.im = Image.core.map_buffer(px.numpy(), (w, h), "raw", 0, (im.mode, 0, 1))
+    return px
+
+
+def _load_rows(im: Image.Image, rows: int, to_tensor: bool = False) -> Optional[torch.Tensor]:
     """Load ``im``, decoding only its first ``rows`` rows where that saves work (an RGB JPEG, ``rows`` < height).
 
     libjpeg produces scanlines top to bottom, so the rows below a crop cost no entropy decoding, IDCT or colour
     conversion: decode time falls in proportion. Pillow has no API for this: the tile's extent and the image size
     are cut, the same two fields ``Image.draft`` rewrites. libjpeg reports the unread rest as a broken stream, so
-    two sentinel pixels in the last wanted row tell a finished decode (both overwritten) from a failed one."""
+    two sentinel pixels in the last wanted row tell a finished decode (both overwritten) from a failed one.
+
+    ``to_tensor``: an RGB or L JPEG is decoded into torch memory (:func:`_map_tensor`), returned (else None), so
+    that the resampling reads its window with no copy."""
     w, h = im.size
-    if rows >= h or rows < 1 or im.format not in _JPEG or im.mode != "RGB" or len(im.tile) != 1:
+    jpeg = im.format in _JPEG and len(im.tile) == 1
+    if rows >= h or rows < 1 or not jpeg or im.mode != "RGB":
+        px = _map_tensor(im) if to_tensor and jpeg and im.mode in ("RGB", "L") else None
         im.load()
-        return
+        return px
     t = im.tile[0]
     ext = (t[1][0], t[1][1], t[1][2], t[1][1] + rows)
     im.tile = [t._replace(extents=ext) if hasattr(t, "_replace") else (t[0], ext, t[2], t[3])]
     im._size = (w, rows)
+    px = _map_tensor(im) if to_tensor else None
     im.load_prepare()
     marks = [((0, rows - 1), _ROW_MARKS[0]), ((w - 1, rows - 1), _ROW_MARKS[1])]
     for xy, v in marks:
@@ -193,6 +208,7 @@ def _load_rows(im: Image.Image, rows: int) -> None:
     except OSError:
         if all(im.im.getpixel(xy) == v for xy, v in marks):
             raise  # the wanted rows were not decoded: a broken or truncated file
+    return px
 
 
 def read_image(path, keep_alpha: bool = False, min_size: int = 0):
@@ -405,9 +421,11 @@ def _mirror(x: torch.Tensor, ax: Optional[_Axis], ay: Optional[_Axis]) -> torch.
     return x.flip(dims) if dims else x
 
 
-def _resample(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> tuple[torch.Tensor, bool, bool]:
+def _resample(im: Image.Image, box: Sequence[float], size: int, clip: bool,
+              px: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool, bool]:
     """:func:`resample_crop`'s work: (uint8 (C, size, size), flip_h, flip_w), the result still to be mirrored
-    along the axes flagged (left to the caller, who may have mirrors of its own to merge into one copy)."""
+    along the axes flagged (left to the caller, who may have mirrors of its own to merge into one copy).
+    ``px``: ``im``'s pixels as a tensor (:func:`_map_tensor`): torch's kernel reads its window in place."""
     extent = (0, 0) if clip else im.size
     ax = _axis_plan(box[0], box[2], size, extent[0], far=not clip)
     ay = _axis_plan(box[1], box[3], size, extent[1])
@@ -420,6 +438,8 @@ def _resample(im: Image.Image, box: Sequence[float], size: int, clip: bool) -> t
             return _pil_to_hwc(out).permute(2, 0, 1), False, False
         # PIL's horizontal pass alone (the box spans the window's rows), then torch's vertical one
         x = _pil_to_hwc(im.resize((size, im.height), Image.Resampling.BILINEAR, box=(rel[0], 0, rel[2], im.height)))
+    elif px is not None:
+        x = px[win[1]:win[3], win[0]:win[2]]
     else:
         x = _pil_to_hwc(im, win)
     y = _kernel(_mirror(_nchw(x), ax, ay), ay, ax, size)[0]
@@ -460,10 +480,10 @@ def _pil_crop(im: Image.Image, crop: Crop, size: int, orientation: int, draft: b
     box = tuple(c / s for c in box)
     # rows the resampling reads: the crop's (clip), or its filter's reach below it too (max(scale, 1) pixels)
     reach = 0 if crop.clip else max((box[3] - box[1]) / size, 1.0) + 1
-    _load_rows(im, math.ceil(box[3] + reach))
+    px = _load_rows(im, math.ceil(box[3] + reach), to_tensor=True)
     if im.mode not in ("RGB", "L"):
         im = to_rgb(im)[0]  # palette, alpha, 16-bit, CMYK: convert the whole (possibly reduced) image first
-    y, fh, fw = _resample(im, box, size, crop.clip)
+    y, fh, fw = _resample(im, box, size, crop.clip, px)
     if y.shape[0] == 1:
         y, grey = y.expand(3, -1, -1), True
     else:
