@@ -493,7 +493,11 @@ def _pil_crop(im: Image.Image, crop: Crop, size: int, orientation: int, draft: b
         y, fh, fw = y.transpose(-2, -1), fw, fh
     oh, ow = _ORIENT_FLIPS[orientation]
     dims = [d for d, f in ((-2, fh != oh), (-1, fw != (ow != crop.flip))) if f]
-    return DecodedCrop(y.flip(dims) if dims else y, grey, crop, s)
+    if dims:
+        y = y.flip(dims)
+    elif y.untyped_storage().nbytes() > 4 * size * size:  # a view into the outputs the grid skipped too
+        y = y.clone()
+    return DecodedCrop(y, grey, crop, s)
 
 
 def decode_crop(path, size: int, choose: Callable[[int, int], Crop], draft: bool = True) -> DecodedCrop:
