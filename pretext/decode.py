@@ -8,8 +8,10 @@ Fast paths (the crop or the output size is known before decoding):
 - :func:`read_image` with ``min_size``: a JPEG is decoded at the largest DCT-domain scale (PIL ``draft``: 1/2,
   1/4, 1/8) that keeps its shorter side at or above ``min_size`` (the caller resizes to that size anyway).
 - :func:`decode_crop`: the crop is chosen from the header's size (``choose(width, height)``, on the upright
-  image), the JPEG is decoded at the largest draft scale that keeps the crop at or above the output size, and one
-  crop + resize (PIL's antialiased bilinear) gives the uint8 output. Never less resolution than a full decode.
+  image), the JPEG is decoded at the largest draft scale that keeps the crop at or above the output size (only
+  the rows down to the crop, straight into torch memory), and one crop + resize (PIL's antialiased bilinear,
+  computed by torch's uint8 kernel wherever a window reproduces PIL's grid: :func:`_axis_plan`) gives the
+  uint8 output, a compact planar (3, size, size) tensor. Never less resolution than a full decode.
 - :func:`encode_crop` + :class:`JpegBatch`: the ``decode: gpu`` path. Loader workers read the bytes and choose the
   crop from the header; the training process decodes the batch on the device (``torchvision.io.decode_jpeg``,
   nvjpeg on CUDA) and resamples the same crops with PIL's coefficients (:func:`resize_box`).
