@@ -12,7 +12,10 @@ rotates every round; medians and the spread of the per-round ratios are printed)
 Part 2: the trainer's loop with the network replaced by a null model (DataLoader -> batch_to_device -> Lab ->
 null model), 0/1/2 workers, crosschannel vs before: the loader alone.
 
+Part 1b (``--interleave N``): the same pipelines alternating file by file, CPU time summed over N passes.
+
     python bench/bench_input_pipeline.py --rounds 7 [--crop rrc|resize_crop] [--size 176] [--images 0]
+                                         [--interleave 3] [--skip-train]
 """
 from __future__ import annotations
 
@@ -104,6 +107,32 @@ def per_worker(args, paths) -> None:
               f"CPU {statistics.median(rc):.2f}x [{min(rc):.2f}-{max(rc):.2f}]")
 
 
+def interleaved(args, paths) -> None:
+    """The same comparison at the finest alternation: for every file, each pipeline in turn (order rotated per
+    file and pass), CPU time summed per pipeline over ``--interleave`` passes. Paired in time within
+    milliseconds, the ratios are far less exposed to the load of other jobs than those of whole rounds."""
+    torch.set_num_threads(1)
+    pipes = {"decode-only": decode_only(paths), "reference": reference(paths, args.size),
+             "before": before(paths, args.size, args.crop), "crosschannel": crosschannel(paths, args.size, args.crop)}
+    names = list(pipes)
+    cpu = dict.fromkeys(names, 0.0)
+    for r in range(args.interleave):
+        for i in range(len(paths)):
+            k0 = (i + r) % len(names)
+            for k in names[k0:] + names[:k0]:
+                c = time.process_time()
+                pipes[k](i)
+                cpu[k] += time.process_time() - c
+    n = args.interleave * len(paths)
+    print(f"\nper worker, interleaved file by file ({args.interleave} passes over {len(paths)} files, crop "
+          f"{args.crop}): CPU ms/img and ratio of total CPU time")
+    for k in names:
+        print(f"  {k:13s} {cpu[k] / n * 1e3:6.3f} ms/img   {n / cpu[k]:7.1f} img/s   ratio to decode-only "
+              f"{cpu['decode-only'] / cpu[k]:.3f}")
+    print(f"  crosschannel / reference {cpu['reference'] / cpu['crosschannel']:.2f}x, "
+          f"/ before {cpu['before'] / cpu['crosschannel']:.2f}x")
+
+
 class NullModel(torch.nn.Module):
     """Stands in for the network: touches its input so that nothing is optimised away, computes nothing."""
 
@@ -185,11 +214,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-rounds", type=int, default=3)
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="also N passes alternating the pipelines file by file (a less load-sensitive ratio)")
     args = p.parse_args()
     paths = list_images(args.data)
     if args.images:
         paths = paths[: args.images]
     per_worker(args, paths)
+    if args.interleave:
+        interleaved(args, paths)
     if not args.skip_train:
         null_training(args, paths)
 

@@ -1,5 +1,6 @@
 """The fast training decoder: seeded crops equal torchvision's, draft scale never below the output, pixels within
 resampling differences of a full decode, EXIF orientation, other formats, row-limited decoding, read_image."""
+import collections
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from pretext.decode import (
     _axis_plan,
     _draft,
     _load_rows,
+    _resample,
     box_to_stored,
     decode_crop,
     draft_scale,
@@ -261,6 +263,17 @@ def test_row_limited_decoding_is_the_top_of_a_full_decode(tmp_path, photos):
                 _load_rows(im, rows)
                 assert im.size == (full.shape[1], rows)
                 assert np.array_equal(np.asarray(im), full[:rows])
+            with Image.open(p) as im:  # decoded into torch memory: the tensor is the image's pixels
+                px = _load_rows(im, rows, to_tensor=True)
+                assert px is not None and px.shape == (rows, full.shape[1], 4)
+                assert np.array_equal(px[..., :3].numpy(), full[:rows]) and np.array_equal(np.asarray(im), full[:rows])
+    Image.open(photos[0]).convert("L").save(tmp_path / "grey.jpg", quality=90)
+    Image.open(photos[0]).save(tmp_path / "plain.png")
+    with Image.open(tmp_path / "grey.jpg") as im:
+        px = _load_rows(im, 10, to_tensor=True)  # grey: all rows (only RGB is cut), one channel
+        assert px.shape == (im.height, im.width, 1) and np.array_equal(px[..., 0].numpy(), np.asarray(im))
+    with Image.open(tmp_path / "plain.png") as im:
+        assert _load_rows(im, 10, to_tensor=True) is None and im.size == Image.open(photos[0]).size  # not a JPEG
 
 
 def test_grey_test_on_uint8_is_the_float_one():
@@ -287,9 +300,10 @@ def test_read_image_min_size_keeps_the_shorter_side(tmp_path, photos):
 
 
 def test_resample_crop_is_pils_crop_then_resize_or_resize_box():
-    """The torch fast path (crops with a whole-pixel edge per axis) and the PIL path give PIL's pixels."""
+    """The torch fast path (crops with a whole-pixel edge per axis), the mixed one (one axis each) and the PIL path
+    give PIL's pixels."""
     rng = np.random.default_rng(0)
-    n_torch = 0
+    kinds = collections.Counter()
     for k in range(150):
         H, W = int(rng.integers(100, 300)), int(rng.integers(100, 300))
         im = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
@@ -302,10 +316,57 @@ def test_resample_crop_is_pils_crop_then_resize_or_resize_box():
                 win = (math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3]))
                 rel = (box[0] - win[0], box[1] - win[1], box[2] - win[0], box[3] - win[1])
                 want = im.crop(win).resize((size, size), Image.Resampling.BILINEAR, box=rel)
-                n_torch += _axis_plan(box[0], box[2], size) is not None and _axis_plan(box[1], box[3], size) is not None
+                kinds[(_axis_plan(box[0], box[2], size) is not None, _axis_plan(box[1], box[3], size) is not None)] += 1
             else:
                 want = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
             got = resample_crop(im, box, size, clip)
             assert got.shape == (size, size, 3)
             assert (got.int() - torch.from_numpy(np.array(want)).int()).abs().max() <= 1, (box, size, clip)
-    assert n_torch > 30
+    # torch for both axes, torch for one (PIL's pass for the other, in PIL's order), PIL alone: all checked
+    assert kinds[(True, True)] > 30 and kinds[(True, False)] > 5 and kinds[(False, True)] > 5 and kinds[(False, False)]
+
+
+def test_resize_grid_boxes_through_torch_are_pils_resize_box():
+    """resize_crop's boxes (a crop of the image resized to a shorter side r; at a draft scale too) go through
+    torch's kernel with windows anchored on the resize grid, before the box or at/after it (mirrored), and give
+    PIL's ``resize(box=...)`` on the whole image, to one level."""
+    rng = np.random.default_rng(5)
+    kinds = collections.Counter()
+    for k in range(120):
+        W, H = int(rng.integers(120, 700)), int(rng.integers(120, 700))
+        a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        im = Image.fromarray(a).resize((W, H), Image.BOX, reducing_gap=None)
+        size = int(rng.integers(8, 60))
+        r = int(rng.integers(size, max(size + 1, min(W, H) // 2 + 1)))  # downscaling: the shorter side to r
+        rw, rh = (r, int(r * H / W)) if W <= H else (int(r * W / H), r)
+        left, top = int(rng.integers(0, rw - size + 1)), int(rng.integers(0, rh - size + 1))
+        sx, sy = W / rw, H / rh
+        box = (left * sx, top * sy, min(W, (left + size) * sx), min(H, (top + size) * sy))
+        s = int(rng.choice([1, 1, 2]))  # as decoded at 1/2: PIL's resize of the reduced image is then the truth
+        if s == 2:
+            im = im.reduce(2)
+            box = tuple(c / 2 for c in box)
+        ax = _axis_plan(box[0], box[2], size, im.width, far=True)
+        ay = _axis_plan(box[1], box[3], size, im.height)
+        if ax is not None and ay is not None:
+            kinds["torch"] += 1
+            kinds["mirrored"] += ax.flip
+            kinds["anchored inside"] += ax.lo > 0 and not ax.flip or ay.lo > 0
+            kinds["outputs skipped"] += ax.skip > 0 or ay.skip > 0
+        got = resample_crop(im, box, size, clip=False)
+        want = np.array(im.resize((size, size), Image.Resampling.BILINEAR, box=box))
+        assert (got.int() - torch.from_numpy(want).int()).abs().max() <= 1, (W, H, r, box, s, ax, ay)
+    assert kinds["torch"] >= 100 and kinds["mirrored"] >= 10 and kinds["anchored inside"] >= 10, kinds
+    assert kinds["outputs skipped"] >= 50, kinds
+
+
+def test_decoded_crop_owns_only_its_pixels(photos):
+    """The crop handed to the loader's queue is not a view into the decoded image or into the resampling's extra
+    outputs (that would ship or keep them with every sample): its storage is its pixels (4 bytes each at most:
+    PIL's RGBX)."""
+    for mode in ("rrc", "resize_crop"):
+        smp = CropSampler(S, mode)
+        for i, p in enumerate(photos[:8]):
+            torch.manual_seed(i)
+            d = decode_crop(p, S, smp)
+            assert d.image.shape == (3, S, S) and d.image.untyped_storage().nbytes() <= 4 * S * S, (p, mode)
