@@ -94,20 +94,12 @@ CASES = [
     (("seg",), "lr milestones decreasing", _sets(lr_milestones="[5,3]"), "lr_milestones must be increasing"),
     (("seg",), "SBD training without SBD", _sets(train_data="sbd"), "train_data=sbd needs"),
 ]
-# Known gaps, kept visible (strict: the mark must go when they are fixed). transfer det and seg check these only after
-# the data is read, so the data's log lines (and, for a backbone source, the run folder) come before the one error
-# line; transfer cls holds those lines until its run folder exists and builds each backbone before creating it.
-GAPS = {"supervised architecture unknown", "supervised weights missing", "checkpoint missing",
-        "checkpoint not a checkpoint", "out_dir is a file", "out_dir under a file", "resume from a pretext checkpoint"}
-GAP_TASKS = ("seg",)
-GAP = pytest.mark.xfail(strict=True, reason="det/seg: log lines of the data (and the run folder) before the error")
-TABLE = [pytest.param(task, args, expect, id=f"{task}: {case}", marks=[GAP] if task in GAP_TASKS and case in GAPS else [])
-         for tasks, case, args, expect in CASES for task in tasks]
+TABLE = [pytest.param(task, args, expect, id=f"{task}: {case}") for tasks, case, args, expect in CASES for task in tasks]
 
 
 # the rows that also run as a real process: one per task, and a run folder that is a file
-SUBPROCESS = ["cls: checkpoint not a checkpoint", "det: missing VOC root", "seg: colorization row without checkpoint",
-              "cls: out_dir is a file"]
+SUBPROCESS = ["cls: checkpoint not a checkpoint", "det: supervised weights missing", "seg: resume from a pretext checkpoint",
+              "det: out_dir is a file"]
 
 
 @pytest.fixture(scope="module")
