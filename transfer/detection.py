@@ -35,7 +35,6 @@ import json
 import math
 import os
 import resource
-import shlex
 import signal
 import sys
 import time
@@ -81,6 +80,7 @@ from pretext.runtime import (
     param,
     remove_stale_tmp,
     resolve_resume,
+    resume_command,
     save_checkpoint,
     save_config,
     set_rng_state,
@@ -89,6 +89,7 @@ from pretext.runtime import (
 )
 
 from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe, network_input
+from .classification import _Held, _held_logs
 from .det_eval import AP_KINDS, Detections, ap_kind_for, format_table, load_ground_truth, read_results, results_path, score, \
     write_results
 from .sampling import IterationSampler, seed_of
@@ -988,17 +989,34 @@ def get_data(cfg: DetConfig):
     return train, test, root, {"train": [r.image_id for r in train], "dropped": tr_info["dropped_without_objects"]}
 
 
-def check_resumable(path: str, row: str, cfg: DetConfig, run_dir: Path, allow_change: bool, dist_info, device
-                    ) -> None:
-    """Before anything is written: ``path`` is a detection checkpoint of ``row`` and the config keeps its recipe
-    (:data:`GUARDED`; other changes are recorded in ``config_history.jsonl`` by the main process). All ranks agree."""
+def check_sources(cfg: DetConfig) -> None:
+    """Before anything is created: each row's backbone source (a pretext checkpoint, a torchvision weights file) is
+    read and built once (no rescaling), so that an unreadable or unknown one is refused in one line."""
+    for row in cfg.rows:
+        if row == "random":  # nothing to read; its init was checked with the config
+            continue
+        src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
+                   supervised=cfg.supervised if row == "supervised" else None)
+        with _held_logs(_Held()):  # what building says is said again when the run builds it
+            build_backbone(**src, input=cfg.input, fc="linear", rescale=False, seed=cfg.seed, fc_dim=1)
+
+
+def check_resumable(path: str, row: str, cfg: DetConfig, run_dir: Path, allow_change: bool, dist_info, device,
+                    config: bool = True) -> None:
+    """Before anything is written: ``path`` is a detection checkpoint of ``row`` and, with ``config``, the config
+    keeps its recipe (:data:`GUARDED`; other changes are recorded in ``config_history.jsonl`` by the main process).
+    All ranks agree."""
     error = None
     if dist_info.is_main:
         try:
             ckpt = load_checkpoint(path)
             if ckpt.get("format") != FORMAT or ckpt.get("row") != row:
-                raise UserError(f"{path}: not a detection checkpoint of row '{row}'")
-            check_resume_config(ckpt["config"], config_to_dict(cfg), GUARDED, allow_change, run_dir, ckpt["iter"])
+                what = (f"row '{ckpt.get('row')}'" if ckpt.get("format") == FORMAT else ckpt.get("format")
+                        or ("a pretext checkpoint" if "model_name" in ckpt else "no format"))
+                raise UserError(f"{path}: not a detection checkpoint of row '{row}' ({what}); --resume takes a "
+                                "checkpoint that this command wrote (give a pretext checkpoint with --checkpoint)")
+            if config:
+                check_resume_config(ckpt["config"], config_to_dict(cfg), GUARDED, allow_change, run_dir, ckpt["iter"])
         except UserError as e:
             error = e
     if any_process([error is not None], device)[0]:
@@ -1023,12 +1041,20 @@ def run(cfg: DetConfig, resume: str | None = None, force: bool = False, allow_ch
     lock = None
     try:
         out_dir = Path(cfg.out_dir)
-        setup_logging(None, dist_info.is_main)
-        data = get_data(cfg)  # a bad VOC folder is refused before the run folder is created
-        if dist_info.is_main:
+        if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
             lock = RunLock(out_dir).acquire()
-            remove_stale_tmp(out_dir)
+        setup_logging(None, dist_info.is_main)
+        with _held_logs(_Held()) as held:  # a refused run prints its one error line alone
+            data = get_data(cfg)  # a bad VOC folder is refused before the run folder is created
+            check_sources(cfg)  # so are an unreadable checkpoint and unknown or missing supervised weights
+            if resume not in (None, "auto"):  # and a --resume file of another kind
+                check_resumable(resume, cfg.rows[0], cfg, out_dir, allow_change, dist_info, device, config=False)
+        if dist_info.is_main:
+            lock = lock or RunLock(out_dir).acquire()
             setup_logging(out_dir, True)
+            for record in held.records:
+                log.handle(record)
+            remove_stale_tmp(out_dir)
         barrier()
         plan = []
         for row in cfg.rows:
@@ -1052,10 +1078,8 @@ def run(cfg: DetConfig, resume: str | None = None, force: bool = False, allow_ch
                     remove_stale_tmp(run_dir)
                 res, stopped = run_one(cfg, row, run_dir, ckpt, data, dist_info, device, stop)
                 if stopped:
-                    args = [a for a in sys.argv[1:] if a != "--resume"]
-                    log.warning("%s received: stopped row '%s' at a checkpoint in %s; continue with the same command "
-                                "and --resume: python -m transfer.detection %s --resume", stop.name or "stop signal",
-                                row, run_dir, shlex.join(args))
+                    log.warning("%s received: stopped row '%s' at a checkpoint in %s; continue with: %s",
+                                stop.name or "stop signal", row, run_dir, resume_command())
                     return stop.exit_code  # 0 on a rank that only followed the others
                 if dist_info.is_main:
                     results[row] = res

@@ -71,6 +71,7 @@ from pretext.runtime import (
     param,
     remove_stale_tmp,
     resolve_resume,
+    resume_command,
     save_checkpoint,
     save_config,
     set_rng_state,
@@ -78,7 +79,8 @@ from pretext.runtime import (
     truncate_jsonl,
 )
 
-from .backbone import INPUT_MODES, RANDOM_INITS, describe
+from .backbone import INPUT_MODES, RANDOM_INITS, build_backbone, describe
+from .classification import _Held, _held_logs
 from .export import backbone_spec
 from .fcn import FCN, fcn_backbone, seg_loss
 from .seg_data import DrawSampler, SegmentationData, init_batch, sbd_samples, voc_samples
@@ -337,10 +339,8 @@ def run_one(cfg: SegConfig, row: str, run_dir: Path, resume: str | None, data, d
     """Fine-tune and evaluate one row; returns its results, or the exit code after a stop signal."""
     train_ds, val_ds, notes = data
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt = load_resumable(resume, row) if resume else None
     if ckpt is not None:
-        if ckpt.get("format") != FORMAT or ckpt.get("row") != row:
-            raise UserError(f"{resume}: not a checkpoint of this run (row {row}, {FORMAT})")
         check_resume_config(ckpt["config"], config_to_dict(cfg), GUARDED, allow_change, run_dir, ckpt["iter"])
     torch.manual_seed(cfg.seed)
     needs_images = ckpt is None and ((row == "colorization" and cfg.rescale) or
@@ -466,6 +466,29 @@ def write_summary(out_dir: Path, results: dict[str, dict], cfg: SegConfig) -> No
 
 
 # --------------------------------------------------------------------------------------------- entry point
+def load_resumable(path: str, row: str) -> dict:
+    """The checkpoint ``path`` if this command wrote it for ``row`` (native engine); else one line."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != FORMAT or ckpt.get("row") != row:
+        what = (f"row '{ckpt.get('row')}'" if ckpt.get("format") == FORMAT else ckpt.get("format")
+                or ("a pretext checkpoint" if "model_name" in ckpt else "no format"))
+        raise UserError(f"{path}: not a checkpoint of this run (row {row}, {FORMAT}; it holds {what}); --resume takes "
+                        "a checkpoint that this command wrote (give a pretext checkpoint with --checkpoint)")
+    return ckpt
+
+
+def check_sources(cfg: SegConfig) -> None:
+    """Before anything is created: each row's backbone source (a pretext checkpoint, a torchvision weights file) is
+    read and built once (no rescaling), so that an unreadable or unknown one is refused in one line."""
+    for row in cfg.rows:
+        if row == "random":  # nothing to read; its init was checked with the config
+            continue
+        src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
+                   supervised=cfg.supervised if row == "supervised" else None)
+        with _held_logs(_Held()):  # what building says is said again when the run builds it
+            build_backbone(**src, input=cfg.input, fc="conv", rescale=False, seed=cfg.seed, fc_dim=1)
+
+
 def main(args) -> int:
     extra = [f"{k}={getattr(args, k)}" for k in ("sbd", "voc", "checkpoint", "engine") if getattr(args, k, None)]
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
@@ -489,12 +512,20 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
     lock = None
     try:
         out_dir = Path(cfg.out_dir)
-        setup_logging(None, dist_info.is_main)
-        data = get_datasets(cfg)  # a bad VOC / SBD folder is refused before the run folder is created
-        if dist_info.is_main:
+        if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
             lock = RunLock(out_dir).acquire()
-            remove_stale_tmp(out_dir)
+        setup_logging(None, dist_info.is_main)
+        with _held_logs(_Held()) as held:  # a refused run prints its one error line alone
+            data = get_datasets(cfg)  # a bad VOC / SBD folder is refused before the run folder is created
+            check_sources(cfg)  # so are an unreadable checkpoint and unknown or missing supervised weights
+            if resume not in (None, "auto") and cfg.engine != "mmseg":  # and a --resume file of another kind
+                load_resumable(resume, cfg.rows[0])
+        if dist_info.is_main:
+            lock = lock or RunLock(out_dir).acquire()
             setup_logging(out_dir, True)
+            for record in held.records:
+                log.handle(record)
+            remove_stale_tmp(out_dir)
         barrier()
         plan = []
         for row in cfg.rows:
@@ -535,13 +566,6 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
         if lock is not None:
             lock.release()
         cleanup_distributed()
-
-
-def resume_command() -> str:
-    """The command line of this run with ``--resume`` (for the line printed after a stop signal)."""
-    prog = "python -m transfer.segmentation" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
-    args = [a for a in sys.argv[1:] if a != "--resume"]
-    return " ".join([prog, *args, "--resume"])
 
 
 def _read_json(path: Path) -> dict:
