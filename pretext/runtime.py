@@ -7,6 +7,7 @@ it; models and losses never do (no distributed calls inside them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -447,11 +448,13 @@ class RunLock:
         return self
 
     def _holder(self) -> str:
-        try:
-            h = json.loads(self.path.read_text())
-            return f"pid {h['pid']} on {h['host']}, started {h['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "holder unknown"
+        for _ in range(20):  # the holder writes its record just after taking the lock: wait up to 1 s for it
+            try:
+                h = json.loads(self.path.read_text())
+                return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.05)
+        return "holder unknown"
 
     def release(self) -> None:
         if self._fd is not None:
@@ -681,6 +684,30 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int, key: str = "step") ->
     if dropped or text != path.read_text():
         atomic_write_text(path, text)
     return dropped
+
+
+class HeldLogs(logging.Handler):
+    """Holds the log records of the checks a run makes before its folder exists (see :func:`held_logs`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_logs():
+    """Hold the ``crosschannel`` logger's records while the block runs: a refused run prints its one error line
+    alone; an accepted one replays ``held.records`` (``log.handle``) once its folder and ``log.txt`` exist."""
+    held = HeldLogs()
+    handlers = log.handlers[:]
+    log.handlers = [held]
+    try:
+        yield held
+    finally:
+        log.handlers = handlers
 
 
 # --------------------------------------------------------------------------------------------- entry points

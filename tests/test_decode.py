@@ -244,11 +244,18 @@ def test_unreadable_files_are_flagged(tmp_path, photos):
     data = photos[0].read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 3])
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    ds = TrainCrops([tmp_path / "trunc.jpg", tmp_path / "junk.jpg", tmp_path / "gone.jpg"], S, "resize_crop")
-    for i in range(3):
-        with pytest.warns(UserWarning, match=("trunc", "junk", "gone")[i]):
-            x, ok, grey = ds[(i, 0)]
+    bad = [tmp_path / "trunc.jpg", tmp_path / "junk.jpg", tmp_path / "gone.jpg"]
+    ds = TrainCrops(bad, S, "resize_crop")
+    for i in range(3):  # nothing readable to stand in: a zero placeholder, flagged
+        x, ok, grey = ds[(i, 0)]
         assert not ok and not grey and x.shape == (3, S, S) and x.dtype == torch.uint8 and not x.any()
+    assert ds.num_unreadable() == 3 and ds.unreadable() == [str(p) for p in bad]  # each file once
+    # with a readable file after them, each bad one is replaced by it, drawn with the bad item's own seed
+    ds = TrainCrops([*bad, photos[0]], S, "resize_crop")
+    for i in range(3):
+        x, ok, _ = ds[(i, 7)]
+        assert ok and torch.equal(x, ds[(3, 7)][0])
+    assert ds.num_unreadable() == 3
     with pytest.raises(UnreadableImage, match="trunc.jpg"):
         decode_crop(tmp_path / "trunc.jpg", S, lambda w, h: Crop((0, h * 0.8, w, h), False, True))
 

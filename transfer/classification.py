@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import contextlib
 import json
-import logging
 import math
 import os
 import shlex
@@ -48,6 +46,7 @@ from tqdm import tqdm
 
 from pretext.data import UnreadableImage, pil_to_tensor, read_image
 from pretext.runtime import (
+    held_logs,
     GracefulStop,
     JsonlLogger,
     RunLock,
@@ -628,28 +627,6 @@ def get_dataset(cfg: ClsConfig) -> tuple[VOCClassification, VOCClassification]:
             VOCClassification(te_paths, te_labels, cfg, center=cfg.eval_crop == "center"))
 
 
-class _Held(logging.Handler):
-    """Holds the log records of the checks made before the run folder exists: a refused run prints its one error
-    line alone; an accepted one replays them to stderr and into ``log.txt``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def _held_logs(held: _Held):
-    handlers = log.handlers[:]
-    log.handlers = [held]
-    try:
-        yield held
-    finally:
-        log.handlers = handlers
-
-
 def check_geometry(cfg: ClsConfig) -> None:
     """Before anything is created: each row's backbone (weights files read, no rescaling) takes a ``crop`` px crop
     to what fc8 reads (a 1x1 fc7 map for nets with fc6/fc7). Refuses a crop that is too small or too large for it,
@@ -658,7 +635,7 @@ def check_geometry(cfg: ClsConfig) -> None:
         src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
                    supervised=cfg.supervised if row == "supervised" else None,
                    random_init="gaussian" if row == "random" else None)
-        with _held_logs(_Held()):  # what building says is said again when the run builds it
+        with held_logs():  # what building says is said again when the run builds it
             net = build_backbone(**src, input=cfg.input, rescale=False, seed=cfg.seed, fc_dim=1)  # fc_dim: random row
         net.eval()
         try:
@@ -740,7 +717,7 @@ def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_ch
         if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
             lock = RunLock(out_dir).acquire()
         setup_logging(None, dist_info.is_main)
-        with _held_logs(_Held()) as held:
+        with held_logs() as held:
             data = get_dataset(cfg)  # a bad VOC folder is refused before the run folder is created
             check_geometry(cfg)  # so are a crop the backbone cannot take and an unreadable checkpoint
             if resume not in (None, "auto"):  # and a --resume file of another kind

@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from pretext.data import UnreadableImage, pil_to_tensor, read_image
 from pretext.runtime import (
+    held_logs,
     GracefulStop,
     JsonlLogger,
     RunLock,
@@ -89,7 +90,6 @@ from pretext.runtime import (
 )
 
 from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe, network_input
-from .classification import _Held, _held_logs
 from .det_eval import AP_KINDS, Detections, ap_kind_for, format_table, load_ground_truth, read_results, results_path, score, \
     write_results
 from .sampling import IterationSampler, seed_of
@@ -997,7 +997,7 @@ def check_sources(cfg: DetConfig) -> None:
             continue
         src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
                    supervised=cfg.supervised if row == "supervised" else None)
-        with _held_logs(_Held()):  # what building says is said again when the run builds it
+        with held_logs():  # what building says is said again when the run builds it
             build_backbone(**src, input=cfg.input, fc="linear", rescale=False, seed=cfg.seed, fc_dim=1)
 
 
@@ -1044,7 +1044,7 @@ def run(cfg: DetConfig, resume: str | None = None, force: bool = False, allow_ch
         if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
             lock = RunLock(out_dir).acquire()
         setup_logging(None, dist_info.is_main)
-        with _held_logs(_Held()) as held:  # a refused run prints its one error line alone
+        with held_logs() as held:  # a refused run prints its one error line alone
             data = get_data(cfg)  # a bad VOC folder is refused before the run folder is created
             check_sources(cfg)  # so are an unreadable checkpoint and unknown or missing supervised weights
             if resume not in (None, "auto"):  # and a --resume file of another kind

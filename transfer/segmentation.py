@@ -47,6 +47,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pretext.runtime import (
+    held_logs,
     GracefulStop,
     JsonlLogger,
     RunLock,
@@ -80,7 +81,6 @@ from pretext.runtime import (
 )
 
 from .backbone import INPUT_MODES, RANDOM_INITS, build_backbone, describe
-from .classification import _Held, _held_logs
 from .export import backbone_spec
 from .fcn import FCN, fcn_backbone, seg_loss
 from .seg_data import DrawSampler, SegmentationData, init_batch, sbd_samples, voc_samples
@@ -485,7 +485,7 @@ def check_sources(cfg: SegConfig) -> None:
             continue
         src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
                    supervised=cfg.supervised if row == "supervised" else None)
-        with _held_logs(_Held()):  # what building says is said again when the run builds it
+        with held_logs():  # what building says is said again when the run builds it
             build_backbone(**src, input=cfg.input, fc="conv", rescale=False, seed=cfg.seed, fc_dim=1)
 
 
@@ -515,7 +515,7 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
         if dist_info.is_main and out_dir.is_dir():  # a folder in use: refused at once, in one line
             lock = RunLock(out_dir).acquire()
         setup_logging(None, dist_info.is_main)
-        with _held_logs(_Held()) as held:  # a refused run prints its one error line alone
+        with held_logs() as held:  # a refused run prints its one error line alone
             data = get_datasets(cfg)  # a bad VOC / SBD folder is refused before the run folder is created
             check_sources(cfg)  # so are an unreadable checkpoint and unknown or missing supervised weights
             if resume not in (None, "auto") and cfg.engine != "mmseg":  # and a --resume file of another kind
