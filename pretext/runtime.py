@@ -710,6 +710,17 @@ def held_logs():
         log.handlers = handlers
 
 
+def open_run_dir(run_dir: str | os.PathLike, held: HeldLogs | None = None, lock: RunLock | None = None) -> RunLock:
+    """Main process, once the checks have passed: lock ``run_dir`` (unless ``lock`` already holds it), start its
+    ``log.txt``, replay the records :func:`held_logs` held, and remove the temporary files of killed writes."""
+    lock = lock or RunLock(run_dir).acquire()
+    setup_logging(run_dir, True)
+    for record in (held.records if held is not None else ()):
+        log.handle(record)
+    remove_stale_tmp(run_dir)
+    return lock
+
+
 # --------------------------------------------------------------------------------------------- entry points
 def run_entry(main, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and call ``main(args)``; a :class:`UserError` becomes one line on stderr and exit code 2.

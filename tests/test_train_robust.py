@@ -145,7 +145,9 @@ def test_ddp_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, da
     line = [ln for ln in err.splitlines() if f"at step {ck['step']}" in ln and "resume with: " in ln]
     assert len(line) == 1, err[-3000:]
     cmd = shlex.split(line[0].split("resume with: ", 1)[1])
-    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], cmd
+    # the interpreter as 'python' where that is this interpreter on PATH, else its full path
+    assert os.path.samefile(shutil.which(cmd[0]) or cmd[0], sys.executable), cmd
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], cmd
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _steps(run) == list(range(1, 10))

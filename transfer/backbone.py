@@ -637,3 +637,18 @@ def describe(net: TransferNet) -> str:
     rs = i.get("rescale")
     rs = f"rescaled on {rs['images']} images" if isinstance(rs, dict) else f"rescale {rs}" if rs else ""
     return f"{src}; {net.arch}, input {net.input_kind}{', ' + rs if rs else ''}"
+
+
+def check_sources(rows, checkpoint: str | None, supervised: str | None, input: str, fc: str, seed: int) -> None:
+    """Before anything is created: each row's backbone source (a pretext checkpoint for 'colorization', a torchvision
+    weights file for 'supervised') is read and built once (no rescaling), so that an unreadable or unknown one is
+    refused in one line. 'random' has nothing to read (its init is checked with the config)."""
+    from pretext.runtime import held_logs
+
+    for row in rows:
+        if row == "random":
+            continue
+        src = dict(checkpoint=checkpoint if row == "colorization" else None,
+                   supervised=supervised if row == "supervised" else None)
+        with held_logs():  # what building says is said again when the run builds it
+            build_backbone(**src, input=input, fc=fc, rescale=False, seed=seed, fc_dim=1)

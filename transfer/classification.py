@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from pretext.data import UnreadableImage, pil_to_tensor, read_image
 from pretext.runtime import (
+    open_run_dir,
     held_logs,
     GracefulStop,
     JsonlLogger,
@@ -724,11 +725,7 @@ def run(cfg: ClsConfig, resume: str | None = None, force: bool = False, allow_ch
                 check_resumable(resume, runs[0][0], runs[0][1], cfg, out_dir, allow_change, dist_info, device,
                                 config=False)
         if dist_info.is_main:
-            lock = lock or RunLock(out_dir).acquire()
-            setup_logging(out_dir, True)
-            for record in held.records:
-                log.handle(record)
-            remove_stale_tmp(out_dir)
+            lock = open_run_dir(out_dir, held, lock)
         barrier()
         plan = []
         for row, level in runs:

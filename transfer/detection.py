@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from pretext.data import UnreadableImage, pil_to_tensor, read_image
 from pretext.runtime import (
+    open_run_dir,
     held_logs,
     GracefulStop,
     JsonlLogger,
@@ -89,7 +90,8 @@ from pretext.runtime import (
     truncate_jsonl,
 )
 
-from .backbone import INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, describe, network_input
+from .backbone import (INPUT_MODES, RANDOM_INITS, TransferNet, build_backbone, check_sources, describe,
+                       network_input)
 from .det_eval import AP_KINDS, Detections, ap_kind_for, format_table, load_ground_truth, read_results, results_path, score, \
     write_results
 from .sampling import IterationSampler, seed_of
@@ -989,18 +991,6 @@ def get_data(cfg: DetConfig):
     return train, test, root, {"train": [r.image_id for r in train], "dropped": tr_info["dropped_without_objects"]}
 
 
-def check_sources(cfg: DetConfig) -> None:
-    """Before anything is created: each row's backbone source (a pretext checkpoint, a torchvision weights file) is
-    read and built once (no rescaling), so that an unreadable or unknown one is refused in one line."""
-    for row in cfg.rows:
-        if row == "random":  # nothing to read; its init was checked with the config
-            continue
-        src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
-                   supervised=cfg.supervised if row == "supervised" else None)
-        with held_logs():  # what building says is said again when the run builds it
-            build_backbone(**src, input=cfg.input, fc="linear", rescale=False, seed=cfg.seed, fc_dim=1)
-
-
 def check_resumable(path: str, row: str, cfg: DetConfig, run_dir: Path, allow_change: bool, dist_info, device,
                     config: bool = True) -> None:
     """Before anything is written: ``path`` is a detection checkpoint of ``row`` and, with ``config``, the config
@@ -1046,15 +1036,11 @@ def run(cfg: DetConfig, resume: str | None = None, force: bool = False, allow_ch
         setup_logging(None, dist_info.is_main)
         with held_logs() as held:  # a refused run prints its one error line alone
             data = get_data(cfg)  # a bad VOC folder is refused before the run folder is created
-            check_sources(cfg)  # so are an unreadable checkpoint and unknown or missing supervised weights
+            check_sources(cfg.rows, cfg.checkpoint, cfg.supervised, cfg.input, "linear", cfg.seed)  # unreadable or unknown backbone sources
             if resume not in (None, "auto"):  # and a --resume file of another kind
                 check_resumable(resume, cfg.rows[0], cfg, out_dir, allow_change, dist_info, device, config=False)
         if dist_info.is_main:
-            lock = lock or RunLock(out_dir).acquire()
-            setup_logging(out_dir, True)
-            for record in held.records:
-                log.handle(record)
-            remove_stale_tmp(out_dir)
+            lock = open_run_dir(out_dir, held, lock)
         barrier()
         plan = []
         for row in cfg.rows:

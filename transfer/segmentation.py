@@ -47,6 +47,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pretext.runtime import (
+    open_run_dir,
     held_logs,
     GracefulStop,
     JsonlLogger,
@@ -70,7 +71,6 @@ from pretext.runtime import (
     load_checkpoint,
     log,
     param,
-    remove_stale_tmp,
     resolve_resume,
     resume_command,
     save_checkpoint,
@@ -80,7 +80,7 @@ from pretext.runtime import (
     truncate_jsonl,
 )
 
-from .backbone import INPUT_MODES, RANDOM_INITS, build_backbone, describe
+from .backbone import INPUT_MODES, RANDOM_INITS, check_sources, describe
 from .export import backbone_spec
 from .fcn import FCN, fcn_backbone, seg_loss
 from .seg_data import DrawSampler, SegmentationData, init_batch, sbd_samples, voc_samples
@@ -477,18 +477,6 @@ def load_resumable(path: str, row: str) -> dict:
     return ckpt
 
 
-def check_sources(cfg: SegConfig) -> None:
-    """Before anything is created: each row's backbone source (a pretext checkpoint, a torchvision weights file) is
-    read and built once (no rescaling), so that an unreadable or unknown one is refused in one line."""
-    for row in cfg.rows:
-        if row == "random":  # nothing to read; its init was checked with the config
-            continue
-        src = dict(checkpoint=cfg.checkpoint if row == "colorization" else None,
-                   supervised=cfg.supervised if row == "supervised" else None)
-        with held_logs():  # what building says is said again when the run builds it
-            build_backbone(**src, input=cfg.input, fc="conv", rescale=False, seed=cfg.seed, fc_dim=1)
-
-
 def main(args) -> int:
     extra = [f"{k}={getattr(args, k)}" for k in ("sbd", "voc", "checkpoint", "engine") if getattr(args, k, None)]
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
@@ -517,15 +505,11 @@ def run(cfg: SegConfig, resume: str | None = None, force: bool = False, allow_ch
         setup_logging(None, dist_info.is_main)
         with held_logs() as held:  # a refused run prints its one error line alone
             data = get_datasets(cfg)  # a bad VOC / SBD folder is refused before the run folder is created
-            check_sources(cfg)  # so are an unreadable checkpoint and unknown or missing supervised weights
+            check_sources(cfg.rows, cfg.checkpoint, cfg.supervised, cfg.input, "conv", cfg.seed)  # unreadable or unknown backbone sources
             if resume not in (None, "auto") and cfg.engine != "mmseg":  # and a --resume file of another kind
                 load_resumable(resume, cfg.rows[0])
         if dist_info.is_main:
-            lock = lock or RunLock(out_dir).acquire()
-            setup_logging(out_dir, True)
-            for record in held.records:
-                log.handle(record)
-            remove_stale_tmp(out_dir)
+            lock = open_run_dir(out_dir, held, lock)
         barrier()
         plan = []
         for row in cfg.rows:
