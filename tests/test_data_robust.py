@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pretext.data import list_file_entry, list_images
-from pretext.runtime import UserError
+
+from test_train import _FAULT_WRAPPER
 
 
 @pytest.fixture(scope="module")
@@ -198,19 +199,6 @@ def test_first_usable_reads_until_one_image_decodes(tmp_path, shared_data):
     assert i is None and counts["unreadable"] == len(bad)
 
 
-_KILL_AT = """
-import os, signal, sys
-import pretext.train as t
-from pretext.runtime import run_entry
-fault, calls, orig = int(os.environ["FAULT_AT_STEP"]), [0], t.train_step
-def train_step(*a, **k):
-    calls[0] += 1
-    if calls[0] == fault + 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return orig(*a, **k)
-t.train_step = train_step
-sys.exit(run_entry(t.main, t.get_args_parser()))
-"""
 
 TINY = ["model=alexnet_cc", "model_kwargs.fc_dim=32", "size=64", "tensorboard=false", "progress=false", "log_every=1",
         "lr=1e-3", "loss=ce", "image_every=0", "init=default", "crop=rrc", "model_kwargs.norm=bn", "batch_size=4",
@@ -248,7 +236,7 @@ def test_trainer_replaces_unreadable_images_counts_files_and_resumes_exactly(tmp
     recs = [r for r in read_jsonl(tmp_path / "full" / "log.jsonl") if r["kind"] == "train"]
     assert recs[-1]["skipped"] == len(names)  # distinct files, not the 3 epochs' events
     script = tmp_path / "kill.py"
-    script.write_text(_KILL_AT)
+    script.write_text(_FAULT_WRAPPER)
     crashed = _pretrain(common + [f"out_dir={tmp_path / 'crash'}"], script=script, env={"FAULT_AT_STEP": "3"})
     assert crashed.returncode == -9
     resumed = _pretrain(common + [f"out_dir={tmp_path / 'crash'}", "--resume"])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretext.data import is_grey, pil_to_tensor, read_image
 from pretext.runtime import load_checkpoint, read_jsonl
+from test_train import _colour_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,16 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=alexnet_cc", "model_kwargs.fc_dim=32", "size=64", "workers=0", "tensorboard=false", "progress=false",
         "log_every=1", "lr=1e-3", "loss=ce", "image_every=0", "init=default", "crop=rrc", "batch_size=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def _colour_images(sample_dir: Path, n: int, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    k = 0
-    for p in sorted((sample_dir / "train").iterdir()):
-        if k < n and not is_grey(pil_to_tensor(read_image(p))):
-            shutil.copy(p, dest / p.name)
-            k += 1
-    return dest
 
 
 def _cmd(settings, flags=(), entry=("-m", "pretext.train")):
